@@ -76,6 +76,7 @@ class ModelConfig(_Strict):
     text_encoder: str = "tiny"  # tiny | minilm | HF name | local path
     image_encoder: str = "tiny"  # tiny | efficientnet-lite0 | HF name | local path
     audio_encoder: str = "tiny"  # tiny | whisper-tiny | HF name | local path
+    text_vocab_size: int | None = None  # set from the tokenizer; the tiny text encoder needs it
     fusion: FusionKind = "concat"
     hidden_size: int = 128  # common width every modality is projected to
     dropout: float = 0.1
