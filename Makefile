@@ -27,3 +27,7 @@ test-fast: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# Engine-free checks of Dockerfile, compose, Prometheus and Grafana files (also run by `make test`).
+lint-deploy:
+	bash scripts/check_deploy.sh
