@@ -32,3 +32,25 @@ def audio_bytes(freq: float = 440.0, seconds: float = 0.5, sample_rate: int = 16
     subtype = "VORBIS" if fmt == "OGG" else None
     sf.write(buf, tone(freq, seconds, sample_rate, channels), sample_rate, format=fmt, subtype=subtype)
     return buf.getvalue()
+
+
+def exif_jpeg_bytes(arr: np.ndarray, orientation: int) -> bytes:
+    """A JPEG of the uint8 [H, W, 3] array as stored, carrying an EXIF Orientation tag (0x0112)."""
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95, exif=exif)
+    return buf.getvalue()
+
+
+def png_header_bytes(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height RGB pixels (a decompression-bomb probe)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
