@@ -1,0 +1,48 @@
+"""`python -m app` / `mmserve serve`: uvicorn with the settings' host and port and a graceful shutdown.
+
+On SIGTERM/SIGINT uvicorn stops accepting connections, lets in-flight requests finish (up to
+SHUTDOWN_TIMEOUT_S), then the app's lifespan drains the batchers and releases the models.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Sequence
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="mmserve serve", description="Serve exported models over HTTP.")
+    parser.add_argument("--repository", help="model repository (MMSERVE_REPOSITORY)")
+    parser.add_argument("--host", help="bind address (MMSERVE_HOST)")
+    parser.add_argument("--port", type=int, help="port (MMSERVE_PORT)")
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (MMSERVE_DEVICE)")
+    parser.add_argument("--backend", choices=["onnx", "torchscript"], help="runtime (MMSERVE_BACKEND)")
+    return parser
+
+
+def serve(args: argparse.Namespace | None = None) -> None:
+    import uvicorn
+
+    from app.logging import configure_logging
+    from app.main import create_app
+    from app.settings import Settings
+
+    overrides = {k: v for k, v in vars(args or argparse.Namespace()).items()
+                 if k in ("repository", "host", "port", "device", "backend") and v is not None}
+    settings = Settings(**overrides)
+    configure_logging(settings.log_level, settings.log_format)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            lifespan="on", timeout_graceful_shutdown=settings.shutdown_timeout_s,
+                            server_header=False, proxy_headers=False,
+                            log_level=settings.log_level.lower())
+    uvicorn.Server(config).run()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    serve(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

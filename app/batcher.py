@@ -1,0 +1,258 @@
+"""Dynamic batcher, one per model (asyncio front, one dedicated inference thread behind).
+
+Policy (explicit, in the spirit of TEI's continuous batching with Triton's max-queue-delay knob):
+
+* Idle model + waiting requests -> the batch goes at once (up to `max_batch_size`). There is no
+  artificial delay at low load: latency at concurrency 1 is preprocessing + one inference.
+* Busy model -> the next batch forms while the current one runs. It is sealed when it is full, when
+  `max_delay` has passed since its *first* request was queued, or when the model goes idle, whichever
+  comes first. A sealed batch is handed to the model's single inference thread and runs as soon as the
+  current one ends; at most one sealed batch waits behind the running one (pipeline depth 2), so later
+  arrivals keep filling the *next* batch instead of piling into tiny sealed ones.
+* Before a batch is sealed and again right before it runs, items whose caller has gone (future
+  cancelled: deadline hit or client disconnected) are dropped, and items past their deadline fail with
+  504 without being run.
+* If a batch inference raises, its items are retried one by one so only the culprit fails.
+* The queue is bounded (`queue_size`): `submit` raises `QueueFull` (503 + Retry-After) beyond it.
+* Every result goes back to its own caller through its own future.
+
+`infer(payloads) -> outputs` is any synchronous function returning one output per payload, in order
+(collation, padding to the longest sequence and the runtime call live there).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from app.logging import request_id_var
+from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
+
+log = logging.getLogger("mmserve.batcher")
+
+
+@dataclass(eq=False)
+class WorkItem:
+    payload: Any
+    future: asyncio.Future
+    deadline: float  # time.monotonic()
+    enqueued: float
+    request_id: str = "-"
+
+
+@dataclass
+class ItemResult:
+    output: Any
+    batch_size: int
+    queue_seconds: float
+    inference_seconds: float
+
+
+@dataclass
+class _Outcome:
+    item: WorkItem
+    kind: str  # ok | error | expired | gone
+    value: Any = None
+
+
+@dataclass
+class _BatchRun:
+    outcomes: list[_Outcome] = field(default_factory=list)
+    started: float = 0.0
+    seconds: float = 0.0
+    size: int = 0
+
+
+class Batcher:
+    def __init__(self, name: str, infer: Callable[[list[Any]], Sequence[Any]], *, max_batch_size: int,
+                 max_delay_s: float, queue_size: int, metrics: Any = None):
+        self.name = name
+        self.infer = infer
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.queue_size = queue_size
+        self.metrics = metrics
+        self._pending: deque[WorkItem] = deque()
+        self._wake: asyncio.Event | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
+        self._outstanding = 0  # batches handed to the executor and not finished
+        self._accepting = False
+        self._task: asyncio.Task | None = None
+        self.batches_run = 0
+        self.items_run = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._accepting = True
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.items_run / self.batches_run if self.batches_run else 0.0
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting; finish queued and running batches (every accepted item gets an answer)."""
+        self._accepting = False
+        if self._task is None:
+            return
+        assert self._wake is not None
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            log.error("batcher %s: drain timed out with %d queued", self.name, len(self._pending))
+            self._task.cancel()
+            while self._pending:
+                item = self._pending.popleft()
+                if not item.future.done():
+                    item.future.set_exception(NotReady("server shutting down"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- admission ---------------------------------------------------------------------------
+    def submit(self, payload: Any, deadline: float, request_id: str = "-") -> asyncio.Future:
+        if not self._accepting:
+            raise NotReady(f"model '{self.name}' is not accepting requests (shutting down)")
+        if len(self._pending) >= self.queue_size:
+            self._reject("queue_full")
+            # rough time to work off the queue, at least 1 s
+            raise QueueFull(self.name, retry_after=max(1, math.ceil(self.max_delay_s * 2)))
+        now = time.monotonic()
+        item = WorkItem(payload, asyncio.get_running_loop().create_future(), deadline, now, request_id)
+        self._pending.append(item)
+        self._gauge()
+        assert self._wake is not None
+        self._wake.set()
+        return item.future
+
+    # -- scheduling --------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            self._wake.clear()
+            if not self._pending:
+                if not self._accepting and self._outstanding == 0:
+                    return
+                await self._wake.wait()
+                continue
+            if self._outstanding >= 2:  # one running + one sealed waiting: keep filling
+                await self._wake.wait()
+                continue
+            if self._outstanding == 1 and self._accepting and len(self._pending) < self.max_batch_size:
+                remaining = self._pending[0].enqueued + self.max_delay_s - time.monotonic()
+                if remaining > 0:
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), remaining)
+                    except (asyncio.TimeoutError, TimeoutError):
+                        pass
+                    continue
+            self._seal(loop)
+
+    def _seal(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch: list[WorkItem] = []
+        now = time.monotonic()
+        while self._pending and len(batch) < self.max_batch_size:
+            item = self._pending.popleft()
+            if item.future.done():  # caller gone (deadline / disconnect): counted by the caller
+                continue
+            if item.deadline <= now:
+                item.future.set_exception(DeadlineExceeded())
+                self._reject("timeout")
+                continue
+            batch.append(item)
+        self._gauge()
+        if not batch:
+            return
+        self._outstanding += 1
+        fut = loop.run_in_executor(self._executor, self._run, batch)
+        fut.add_done_callback(lambda f, b=batch: self._done(b, f))
+
+    def _run(self, batch: list[WorkItem]) -> _BatchRun:
+        """Runs in the model's inference thread."""
+        run = _BatchRun(started=time.monotonic())
+        live: list[WorkItem] = []
+        for item in batch:
+            if item.future.done():
+                run.outcomes.append(_Outcome(item, "gone"))
+            elif item.deadline <= run.started:
+                run.outcomes.append(_Outcome(item, "expired"))
+            else:
+                live.append(item)
+        run.size = len(live)
+        if live:
+            try:
+                outputs = list(self.infer([it.payload for it in live]))
+                if len(outputs) != len(live):
+                    raise RuntimeError(f"infer returned {len(outputs)} outputs for {len(live)} inputs")
+                run.outcomes += [_Outcome(it, "ok", out) for it, out in zip(live, outputs)]
+            except Exception as exc:  # noqa: BLE001
+                if len(live) == 1:
+                    run.outcomes.append(_Outcome(live[0], "error", exc))
+                else:
+                    log.warning("batcher %s: batch of %d failed (%s: %s); retrying items one by one",
+                                self.name, len(live), type(exc).__name__, exc)
+                    for it in live:
+                        try:
+                            run.outcomes.append(_Outcome(it, "ok", list(self.infer([it.payload]))[0]))
+                        except Exception as item_exc:  # noqa: BLE001
+                            run.outcomes.append(_Outcome(it, "error", item_exc))
+        run.seconds = time.monotonic() - run.started
+        return run
+
+    def _done(self, batch: list[WorkItem], fut: asyncio.Future) -> None:
+        self._outstanding -= 1
+        assert self._wake is not None
+        self._wake.set()
+        if fut.cancelled() or fut.exception() is not None:
+            exc = None if fut.cancelled() else fut.exception()
+            log.error("batcher %s: batch crashed: %r", self.name, exc)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(InferenceFailed())
+            return
+        run: _BatchRun = fut.result()
+        if run.size:
+            self.batches_run += 1
+            self.items_run += run.size
+            if self.metrics is not None:
+                self.metrics.batch_size.labels(self.name).observe(run.size)
+                self.metrics.inference.labels(self.name).observe(run.seconds)
+        for oc in run.outcomes:
+            item = oc.item
+            if oc.kind == "gone" or item.future.done():
+                continue
+            if oc.kind == "expired":
+                self._reject("timeout")
+                item.future.set_exception(DeadlineExceeded())
+                continue
+            queue_s = run.started - item.enqueued
+            if self.metrics is not None:
+                self.metrics.queue_wait.labels(self.name).observe(queue_s)
+            if oc.kind == "ok":
+                item.future.set_result(ItemResult(oc.value, run.size, queue_s, run.seconds))
+            else:
+                exc = oc.value
+                token = request_id_var.set(item.request_id)
+                try:
+                    log.error("inference failed on model %s: %s: %s", self.name, type(exc).__name__, exc)
+                finally:
+                    request_id_var.reset(token)
+                item.future.set_exception(InferenceFailed())
+
+    def _reject(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejections.labels(self.name, reason).inc()
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels(self.name).set(len(self._pending))

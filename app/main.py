@@ -1,0 +1,95 @@
+"""The ASGI app: `create_app(settings)` (factory) and `app` (built lazily from the environment).
+
+Start-up returns at once: models load and warm in the background (/healthz answers immediately,
+/readyz is 503 until they are warm). Shutdown drains: stop admitting, answer every accepted request,
+finish queued and running batches, then release the runtimes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import ApiError, error_response
+from app.metrics import Metrics
+from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from app.registry import Registry
+from app.service import Service
+from app.settings import Settings
+
+log = logging.getLogger("mmserve.app")
+
+DESCRIPTION = """Multimodal (text + image + audio) inference with dynamic batching.
+
+* Task endpoints take `multipart/form-data` (uploaded files) or JSON (base64 media); `/batch` variants take a
+  JSON list of records that succeed or fail independently.
+* Errors are always `{"error": {"code", "message"}}`. Every response carries `X-Request-ID`.
+* When API keys are configured, `/v1` needs `Authorization: Bearer KEY` or `X-API-Key: KEY`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    registry = Registry(settings, metrics)
+    service = Service(settings, metrics, registry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.info("starting mmserve", extra={"settings": settings.public()})
+        service.start()
+        registry.scan()
+        loader = asyncio.create_task(registry.load_all(), name="model-loader")
+        app.state.loader = loader
+        try:
+            yield
+        finally:
+            log.info("shutting down: draining in-flight requests and batches")
+            registry.draining = True
+            if not loader.done():
+                loader.cancel()
+                await asyncio.gather(loader, return_exceptions=True)
+            await service.stop(settings.shutdown_timeout_s)
+            log.info("shutdown complete")
+
+    from app import __version__
+    app = FastAPI(title="mmserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.service = service
+
+    from app.api import router
+    app.include_router(router)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> Any:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Any:
+        details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                   for e in exc.errors()]
+        return error_response(422, "invalid_request", "invalid request", details=details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Any:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    # outermost first: request id / catch-all -> API keys -> body limit -> routes
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
+    app.add_middleware(RequestContextMiddleware)
+    return app
+
+
+def __getattr__(name: str) -> Any:  # `uvicorn app.main:app` builds the app from the environment on first use
+    if name == "app":
+        global app
+        app = create_app()
+        return app
+    raise AttributeError(name)

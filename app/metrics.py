@@ -1,0 +1,61 @@
+"""Prometheus metrics (names and labels are a user contract: docs/architecture.md).
+
+Each app owns its own CollectorRegistry so several apps (tests) never collide.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# ms-scale latencies up to long deadlines
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25,
+                   0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("mmserve_requests_total", "Requests answered, by endpoint, model and HTTP status.",
+                                ["endpoint", "model", "status"], registry=r)
+        self.request_duration = Histogram("mmserve_request_duration_seconds",
+                                          "End-to-end latency of task requests (body read to response).",
+                                          ["endpoint", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("mmserve_queue_wait_seconds",
+                                    "Time from queueing to the start of the batch that ran the request.",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.preprocess = Histogram("mmserve_preprocess_seconds",
+                                    "Decoding / resampling / tokenising time per modality.",
+                                    ["model", "modality"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram("mmserve_inference_seconds", "Time of one batch inference (collate + run).",
+                                   ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("mmserve_batch_size", "Requests per inference batch.", ["model"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("mmserve_queue_depth", "Requests waiting for a batch.", ["model"], registry=r)
+        self.inflight = Gauge("mmserve_inflight_requests", "Requests being handled.", ["endpoint"], registry=r)
+        self.rejections = Counter("mmserve_rejections_total",
+                                  "Requests refused or dropped before inference, by reason "
+                                  "(queue_full, timeout, disconnected, not_ready).",
+                                  ["model", "reason"], registry=r)
+        self.load_seconds = Gauge("mmserve_model_load_seconds", "Time to verify and load a model.",
+                                  ["model", "version"], registry=r)
+        self.warmup_seconds = Gauge("mmserve_model_warmup_seconds", "Time of the worst-case warm-up batch.",
+                                    ["model", "version"], registry=r)
+        self.model_info = Gauge("mmserve_model_info", "1 per model with its backend, device, real provider and state.",
+                                ["model", "version", "backend", "device", "provider", "state"], registry=r)
+
+    def set_model_info(self, model: str, version: str, backend: str, device: str, provider: str, state: str) -> None:
+        # one series per model: drop the previous state's series
+        for labels in list(self._info_series.get(model, [])):
+            try:
+                self.model_info.remove(*labels)
+            except KeyError:
+                pass
+        labels = (model, version, backend, device, provider, state)
+        self.model_info.labels(*labels).set(1)
+        self._info_series[model] = [labels]
+
+    @property
+    def _info_series(self) -> dict[str, list[tuple[str, ...]]]:
+        if not hasattr(self, "_series"):
+            self._series: dict[str, list[tuple[str, ...]]] = {}
+        return self._series

@@ -1,0 +1,146 @@
+"""Inference runtimes: onnxruntime (default) and TorchScript (torch imported only here, only when chosen).
+
+A runtime takes the collated tensor dict (docs/architecture.md tensor contract) and returns `logits`.
+`provider` is what the runtime really uses (onnxruntime: `session.get_providers()[0]` after creation,
+never what was asked for).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from models.manifest import Manifest
+
+log = logging.getLogger("mmserve.runtime")
+
+
+class Runtime(Protocol):
+    backend: str
+    device: str
+    provider: str
+    input_names: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+def cuda_device_count() -> int:
+    """GPUs visible to the CUDA driver (0 when there is no driver), without importing torch."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        try:
+            if lib.cuInit(0) != 0:
+                return 0
+            count = ctypes.c_int(0)
+            if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+                return 0
+            return int(count.value)
+        except Exception:  # noqa: BLE001 - odd driver: treat as no GPU
+            return 0
+    return 0
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """('auto'|'cpu'|'cuda', index)."""
+    if device.startswith("cuda"):
+        _, _, idx = device.partition(":")
+        return "cuda", int(idx or 0)
+    return device, 0
+
+
+class OnnxRuntime:
+    backend = "onnx"
+
+    def __init__(self, path: Path, device: str, intra_op_threads: int = 0, inter_op_threads: int = 1,
+                 allow_spinning: bool = False):
+        import onnxruntime as ort
+
+        kind, index = parse_device(device)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = intra_op_threads
+        so.inter_op_num_threads = inter_op_threads
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        spin = "1" if allow_spinning else "0"
+        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        available = ort.get_available_providers()
+        want_cuda = kind == "cuda" or (kind == "auto" and cuda_device_count() > 0)
+        providers: list = ["CPUExecutionProvider"]
+        if want_cuda and "CUDAExecutionProvider" in available:
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
+        elif kind == "cuda":
+            raise RuntimeError(f"device {device!r} requested but this onnxruntime has no CUDAExecutionProvider "
+                               f"(available: {available})")
+        self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        self.provider = self.session.get_providers()[0]
+        if kind == "cuda" and self.provider != "CUDAExecutionProvider":
+            raise RuntimeError(f"device {device!r} requested but onnxruntime fell back to {self.provider} "
+                               "(no usable GPU / CUDA libraries)")
+        self.device = f"cuda:{index}" if self.provider == "CUDAExecutionProvider" else "cpu"
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        self._outputs = ["logits"] if "logits" in outputs else outputs[:1]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise ValueError(f"missing model inputs: {missing}")
+        return self.session.run(self._outputs, {n: feeds[n] for n in self.input_names})[0]
+
+    def close(self) -> None:
+        self.session = None  # type: ignore[assignment]
+
+
+class TorchScriptRuntime:
+    backend = "torchscript"
+
+    def __init__(self, path: Path, device: str, input_names: list[str], intra_op_threads: int = 0,
+                 inter_op_threads: int = 1):
+        import torch  # lazily: only when the TorchScript backend is selected
+
+        self._torch = torch
+        kind, index = parse_device(device)
+        has_cuda = torch.cuda.is_available()
+        if kind == "cuda" and not has_cuda:
+            raise RuntimeError(f"device {device!r} requested but torch sees no CUDA device")
+        use_cuda = has_cuda and kind in ("cuda", "auto")
+        self.device = f"cuda:{index}" if use_cuda else "cpu"
+        if intra_op_threads > 0:
+            torch.set_num_threads(intra_op_threads)
+        self.module = torch.jit.load(str(path), map_location=self.device).eval()
+        self.provider = f"torch-{'cuda' if use_cuda else 'cpu'}"
+        self.input_names = list(input_names)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in self.input_names]
+            out = self.module(*args)
+            if isinstance(out, dict):
+                out = out["logits"]
+            elif isinstance(out, (tuple, list)):
+                out = out[0]
+            return out.float().cpu().numpy()
+
+    def close(self) -> None:
+        self.module = None
+
+
+def create_runtime(backend: str, directory: Path, manifest: Manifest, device: str, intra_op_threads: int,
+                   inter_op_threads: int, allow_spinning: bool) -> Runtime:
+    fmt = manifest.formats.get(backend)  # type: ignore[call-overload]
+    if fmt is None:
+        raise RuntimeError(f"manifest has no {backend} format (has: {sorted(manifest.formats)})")
+    path = Path(directory) / fmt.file
+    if backend == "onnx":
+        return OnnxRuntime(path, device, intra_op_threads, inter_op_threads, allow_spinning)
+    return TorchScriptRuntime(path, device, [t.name for t in manifest.inputs], intra_op_threads, inter_op_threads)

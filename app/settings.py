@@ -1,0 +1,117 @@
+"""Service settings: one typed object, read from `MMSERVE_*` environment variables.
+
+The names are a user contract (docs/architecture.md). Every field carries a description:
+the README's settings table is generated from this model.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MMSERVE_", extra="ignore", protected_namespaces=())
+
+    # -- models -------------------------------------------------------------------------------
+    repository: Path = Field(
+        Path("model_repository"),
+        description="Model repository written by `mmserve export` (NAME/VERSION/...). Every model in it is served.",
+    )
+    model_versions: dict[str, int] = Field(
+        default_factory=dict,
+        description='Pinned versions as JSON, e.g. `{"tiny-classify": 1}`. Unpinned models serve their latest version.',
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="`auto` (GPU when one is usable, else CPU), `cpu`, `cuda` or `cuda:N`. An explicit `cuda` "
+        "fails the model if the runtime falls back to CPU.",
+    )
+    backend: Literal["onnx", "torchscript"] = Field(
+        "onnx", description="Runtime: onnxruntime (`model.onnx`) or TorchScript (`model.pt`, imports torch)."
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="Threads inside one operator (onnxruntime / torch). 0 = runtime default (one per core)."
+    )
+    inter_op_threads: int = Field(1, ge=0, description="Threads across independent operators. 0 = runtime default.")
+    allow_spinning: bool = Field(
+        False,
+        description="onnxruntime `session.intra_op.allow_spinning`. Spinning lowers latency on idle cores but "
+        "collapses throughput when cores are shared; off by default.",
+    )
+    warmup: bool = Field(True, description="Run a worst-case batch through every model before it counts as ready.")
+    strict_readiness: bool = Field(
+        False,
+        description="When true, /readyz stays 503 while any model has failed. When false (default), /readyz is 200 "
+        "once every model has been tried and at least one is ready; failed models are listed in the body.",
+    )
+
+    # -- batching -------------------------------------------------------------------------------
+    max_batch_size: int = Field(
+        32, ge=1, le=1024, description="Largest batch per inference (capped further by each manifest's max_batch_size)."
+    )
+    max_delay_ms: float = Field(
+        5.0,
+        ge=0,
+        description="How long a forming batch may wait for more requests while the model is busy, counted from its "
+        "first request. An idle model runs waiting requests at once.",
+    )
+    queue_size: int = Field(256, ge=1, description="Requests waiting per model; beyond it requests get 503 + Retry-After.")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline per request (a request may ask for less with `timeout_ms`); past it, 504."
+    )
+    preprocess_workers: int = Field(
+        4, ge=1, description="Threads that decode images/audio and tokenise text, off the event loop."
+    )
+    max_batch_items: int = Field(64, ge=1, description="Most items accepted in one `/v1/{task}/batch` request.")
+
+    # -- limits -------------------------------------------------------------------------------
+    max_upload_bytes: int = Field(
+        20 * 1024 * 1024, ge=1, description="Largest request body, enforced while it streams in (413 beyond)."
+    )
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest decoded image (width x height); bigger images (decompression bombs) get 413."
+    )
+    max_audio_seconds: float = Field(60.0, gt=0, description="Longest audio clip accepted; longer clips get 413.")
+
+    # -- security, logging, server --------------------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted API keys (comma-separated or JSON list). When set, /v1 and /v2 need "
+        "`Authorization: Bearer KEY` or `X-API-Key: KEY`; /healthz, /readyz, /metrics and /docs stay open.",
+    )
+    log_format: Literal["text", "json"] = Field("text", description="`json`: one JSON object per log line.")
+    log_level: str = Field("INFO", description="Python logging level name.")
+    host: str = Field("0.0.0.0", description="Address `mmserve serve` binds.")
+    port: int = Field(8000, ge=0, le=65535, description="Port `mmserve serve` binds.")
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0, description="On SIGTERM, how long to wait for accepted requests to be answered before exiting."
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [k.strip() for k in text.split(",") if k.strip()]
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"}:
+            raise ValueError("log_level must be one of CRITICAL, ERROR, WARNING, INFO, DEBUG")
+        return value
+
+    def public(self) -> dict[str, Any]:
+        """Settings safe to log (API keys masked)."""
+        data = self.model_dump(mode="json")
+        data["api_keys"] = f"<{len(self.api_keys)} keys>"
+        return data

@@ -1,0 +1,224 @@
+"""Scheduling logic of the dynamic batcher, with a fake model (a plain function) instead of a runtime."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from app.batcher import Batcher, ItemResult
+from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
+from app.metrics import Metrics
+
+
+class FakeModel:
+    """Doubles each payload; records every batch it is given; optionally slow or failing on 'bad'."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.seconds = seconds
+        self.batches: list[list] = []
+        self.threads: set[str] = set()
+
+    def __call__(self, payloads):
+        self.batches.append(list(payloads))
+        self.threads.add(threading.current_thread().name)
+        if self.seconds:
+            time.sleep(self.seconds)
+        if "bad" in payloads:
+            raise ValueError("poisoned input")
+        return [p * 2 for p in payloads]
+
+
+def make(model, **kw) -> Batcher:
+    opts = dict(max_batch_size=8, max_delay_s=0.02, queue_size=64, metrics=Metrics())
+    opts.update(kw)
+    b = Batcher("m", model, **opts)
+    b.start()
+    return b
+
+
+def far() -> float:
+    return time.monotonic() + 30
+
+
+def test_idle_model_runs_a_lone_request_at_once():
+    async def main():
+        model = FakeModel()
+        b = make(model, max_delay_s=5.0)  # a long delay must not apply when the model is idle
+        t0 = time.monotonic()
+        res: ItemResult = await b.submit(21, far())
+        elapsed = time.monotonic() - t0
+        await b.drain(5)
+        return res, elapsed, model
+
+    res, elapsed, model = asyncio.run(main())
+    assert res.output == 42 and res.batch_size == 1
+    assert elapsed < 1.0
+    assert model.batches == [[21]]
+
+
+def test_batches_form_while_busy_and_each_caller_gets_its_own_result():
+    async def main():
+        model = FakeModel(seconds=0.05)
+        b = make(model, max_batch_size=8, max_delay_s=1.0)
+        futs = [b.submit(i, far()) for i in range(1)]
+        await asyncio.sleep(0.01)  # first batch (size 1) is running
+        futs += [b.submit(i, far()) for i in range(1, 20)]
+        results = await asyncio.gather(*futs)
+        await b.drain(5)
+        return results, model, b
+
+    results, model, b = asyncio.run(main())
+    assert [r.output for r in results] == [2 * i for i in range(20)]
+    sizes = [len(x) for x in model.batches]
+    assert sizes[0] == 1
+    assert max(sizes) == 8 and all(s <= 8 for s in sizes)
+    assert sum(sizes) == 20
+    assert len(model.threads) == 1  # one dedicated inference thread per model
+    assert b.mean_batch_size > 1
+
+
+def test_max_delay_seals_a_forming_batch_counted_from_its_first_item():
+    async def main():
+        model = FakeModel(seconds=0.4)
+        b = make(model, max_batch_size=100, max_delay_s=0.05)
+        fa = b.submit("a", far())  # idle: runs at once
+        await asyncio.sleep(0.02)
+        fb = b.submit("b", far())  # forms the next batch; sealed 50 ms later
+        await asyncio.sleep(0.15)
+        fc = b.submit("c", far())  # arrives after b's batch was sealed -> a later batch
+        await asyncio.gather(fa, fb, fc)
+        await b.drain(5)
+        return model
+
+    model = asyncio.run(main())
+    assert model.batches == [["a"], ["b"], ["c"]]
+
+
+def test_without_max_delay_pressure_a_busy_model_fills_the_next_batch():
+    async def main():
+        model = FakeModel(seconds=0.2)
+        b = make(model, max_batch_size=100, max_delay_s=5.0)
+        fa = b.submit("a", far())
+        await asyncio.sleep(0.02)
+        rest = []
+        for x in "bcde":
+            rest.append(b.submit(x, far()))
+            await asyncio.sleep(0.01)
+        await asyncio.gather(fa, *rest)
+        await b.drain(5)
+        return model
+
+    model = asyncio.run(main())
+    assert model.batches == [["a"], ["b", "c", "d", "e"]]  # goes as soon as the model is idle
+
+
+def test_expired_items_are_not_run_and_get_deadline_exceeded():
+    async def main():
+        model = FakeModel(seconds=0.3)
+        metrics = Metrics()
+        b = make(model, metrics=metrics, max_delay_s=0.0)
+        fa = b.submit("a", far())
+        await asyncio.sleep(0.02)
+        fb = b.submit("late", time.monotonic() + 0.05)
+        fc = b.submit("c", far())
+        ra = await fa
+        with pytest.raises(DeadlineExceeded):
+            await fb
+        rc = await fc
+        await b.drain(5)
+        return model, ra, rc, metrics
+
+    model, ra, rc, metrics = asyncio.run(main())
+    assert ra.output == "aa" and rc.output == "cc"
+    assert all("late" not in batch for batch in model.batches)
+    assert metrics.rejections.labels("m", "timeout")._value.get() == 1
+
+
+def test_cancelled_items_are_dropped_before_inference():
+    async def main():
+        model = FakeModel(seconds=0.2)
+        b = make(model)
+        fa = b.submit("a", far())
+        await asyncio.sleep(0.02)
+        fgone = b.submit("gone", far())
+        fb = b.submit("b", far())
+        fgone.cancel()  # what the handler does when its client disconnects
+        await asyncio.gather(fa, fb)
+        await b.drain(5)
+        return model
+
+    model = asyncio.run(main())
+    assert all("gone" not in batch for batch in model.batches)
+    assert sorted(x for batch in model.batches for x in batch) == ["a", "b"]
+
+
+def test_queue_full_raises_with_retry_after():
+    async def main():
+        model = FakeModel(seconds=0.2)
+        metrics = Metrics()
+        b = make(model, queue_size=3, metrics=metrics)
+        futs = [b.submit(1, far())]
+        await asyncio.sleep(0.02)  # first one running, queue empty
+        futs += [b.submit(i, far()) for i in range(3)]
+        with pytest.raises(QueueFull) as info:
+            b.submit(99, far())
+        await asyncio.gather(*futs)
+        await b.drain(5)
+        return info.value, metrics
+
+    err, metrics = asyncio.run(main())
+    assert err.status == 503 and int(err.headers["Retry-After"]) >= 1
+    assert metrics.rejections.labels("m", "queue_full")._value.get() == 1
+
+
+def test_one_bad_item_never_fails_the_others():
+    async def main():
+        model = FakeModel(seconds=0.05)
+        b = make(model, max_delay_s=1.0)
+        f0 = b.submit("x", far())
+        await asyncio.sleep(0.01)
+        futs = [b.submit(p, far()) for p in ["a", "bad", "c"]]
+        results = await asyncio.gather(f0, *futs, return_exceptions=True)
+        await b.drain(5)
+        return results, model
+
+    results, model = asyncio.run(main())
+    assert results[0].output == "xx"
+    assert results[1].output == "aa" and results[3].output == "cc"
+    assert isinstance(results[2], InferenceFailed)
+    assert ["a", "bad", "c"] in model.batches  # tried together first, then one by one
+
+
+def test_drain_answers_everything_accepted_then_refuses():
+    async def main():
+        model = FakeModel(seconds=0.05)
+        b = make(model, max_batch_size=2, max_delay_s=1.0)
+        futs = [b.submit(i, far()) for i in range(7)]
+        await b.drain(10)
+        done = [f.done() and not f.cancelled() and f.exception() is None for f in futs]
+        with pytest.raises(NotReady):
+            b.submit(1, far())
+        return done, [f.result().output for f in futs]
+
+    done, outs = asyncio.run(main())
+    assert all(done) and outs == [2 * i for i in range(7)]
+
+
+def test_metrics_record_batches_and_queue_depth():
+    async def main():
+        model = FakeModel(seconds=0.02)
+        metrics = Metrics()
+        b = make(model, metrics=metrics, max_delay_s=0.5)
+        await asyncio.gather(*[b.submit(i, far()) for i in range(10)])
+        await b.drain(5)
+        return metrics
+
+    metrics = asyncio.run(main())
+    from prometheus_client import generate_latest
+
+    text = generate_latest(metrics.registry).decode()
+    assert 'mmserve_batch_size_count{model="m"}' in text
+    assert 'mmserve_batch_size_sum{model="m"} 10.0' in text
+    assert 'mmserve_queue_depth{model="m"} 0.0' in text
