@@ -1,0 +1,72 @@
+"""The fused multimodal model: encoders -> fusion -> head, with the exported tensor contract as its forward."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.spec import Task
+
+TEXT_INPUTS = ("input_ids", "attention_mask")
+IMAGE_INPUTS = ("pixel_values", "image_present")
+AUDIO_INPUTS = ("audio_features", "audio_present")
+
+
+class FusedModel(nn.Module):
+    """Encoders for the modalities the model uses (None for the others), a fusion and a head.
+
+    Module names (for freezing, LoRA regexes, optimizer groups): `text_encoder`, `image_encoder`,
+    `audio_encoder`, `fusion`, `head`.
+    """
+
+    def __init__(
+        self,
+        text_encoder: nn.Module | None,
+        image_encoder: nn.Module | None,
+        audio_encoder: nn.Module | None,
+        fusion: nn.Module,
+        head: nn.Module,
+        task: Task,
+    ):
+        super().__init__()
+        if text_encoder is None and image_encoder is None and audio_encoder is None:
+            raise ValueError("a fused model needs at least one encoder")
+        self.text_encoder = text_encoder
+        self.image_encoder = image_encoder
+        self.audio_encoder = audio_encoder
+        self.fusion = fusion
+        self.head = head
+        self.task = task
+
+    @property
+    def modalities(self) -> list[str]:
+        encoders = {"text": self.text_encoder, "image": self.image_encoder, "audio": self.audio_encoder}
+        return [m for m, e in encoders.items() if e is not None]
+
+    @property
+    def input_names(self) -> list[str]:
+        """The graph inputs in contract order (docs/architecture.md), for this model's modalities."""
+        groups = {"text": TEXT_INPUTS, "image": IMAGE_INPUTS, "audio": AUDIO_INPUTS}
+        return [name for m in self.modalities for name in groups[m]]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_present: torch.Tensor | None = None,
+        audio_features: torch.Tensor | None = None,
+        audio_present: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Contract inputs (int64 [B, T] ids/mask; float32 [B, 3, H, W] pixels; float32 [B, n_mels, F] log-mel;
+        float32 [B] presence) -> logits [B, C] (classify, VQA) or [B, T, C] (NER)."""
+        outputs, present = {}, {}
+        if self.text_encoder is not None:
+            outputs["text"] = self.text_encoder(input_ids, attention_mask)
+            present["text"] = torch.ones_like(outputs["text"].pooled[:, 0])
+        if self.image_encoder is not None:
+            outputs["image"] = self.image_encoder(pixel_values)
+            present["image"] = image_present
+        if self.audio_encoder is not None:
+            outputs["audio"] = self.audio_encoder(audio_features)
+            present["audio"] = audio_present
+        return self.head(self.fusion(outputs, present))
