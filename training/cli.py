@@ -18,6 +18,8 @@ DISPATCH = {
     "export": ("training.export", "export a run to ONNX + TorchScript in a model repository"),
     "validate": ("training.validate", "check an exported model version (manifest, files, parity)"),
     "serve": ("app.__main__", "run the HTTP inference server"),
+    "demo-model": ("training.demo_model", "build the demo models (once) into a model repository"),
+    "bench": ("bench.__main__", "benchmark serving against the model's limit and a peer server"),
 }
 
 # train flags: (flag, kwargs); dest names match TrainConfig fields; default None = "not given"

@@ -86,6 +86,17 @@ def configure_trainable(model, config: TrainConfig) -> None:
             param.requires_grad_(encoder_names[kind] == "tiny")
 
 
+def keep_frozen_encoders_in_eval(model) -> None:
+    """A fully frozen encoder stays in eval mode while the rest trains: its BatchNorm keeps the
+    pretrained running statistics that eval and export use (batch statistics would also mix in the
+    all-zero media of records without that modality), and its dropout stays off."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in ("text_encoder", "image_encoder", "audio_encoder"):
+        encoder = getattr(base, name, None)
+        if encoder is not None and not any(p.requires_grad for p in encoder.parameters()):
+            encoder.eval()
+
+
 def parameter_groups(model, config: TrainConfig) -> list[dict]:
     """AdamW groups: no decay on biases / norm weights (1-d tensors); encoder_lr for pretrained encoders."""
     pretrained = {"text": config.text_encoder != "tiny", "image": config.image_encoder != "tiny",
@@ -263,6 +274,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
             break
         t_epoch = time.perf_counter()
         model.train()
+        keep_frozen_encoders_in_eval(model)
         losses = []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", file=sys.stderr, disable=not show_bar,
                    leave=False, dynamic_ncols=True)
