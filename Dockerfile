@@ -26,7 +26,8 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 # .dockerignore lets through only pyproject.toml, README.md and the three packages.
 COPY . /src
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels /src
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels /src \
+ && cp /src/deploy/requirements-serve.txt /wheels/
 
 # ---------------------------------------------------------------- shared CUDA base (Ubuntu 24.04, Python 3.12)
 FROM ${CUDA_IMAGE} AS cuda-base
@@ -51,10 +52,7 @@ RUN WHEEL="$(ls /wheels/mmserve-*.whl)" \
  && pip install --no-cache-dir \
       "mmserve @ file://${WHEEL}" \
       "onnxruntime-gpu==${ORT_VERSION}" \
-      numpy==2.4.6 pillow==13.0.0 soundfile==0.14.0 tokenizers==0.23.3 \
-      pydantic==2.14.4 pydantic-settings==2.16.3 pyyaml==6.0.4 \
-      fastapi==0.165.0 starlette==1.10.0 "uvicorn[standard]==0.54.0" \
-      python-multipart==0.0.34 prometheus-client==0.26.0 \
+      -r /wheels/requirements-serve.txt \
  && rm -rf /wheels \
  && mkdir -p /models && chown 10001:10001 /models
 ENV MMSERVE_REPOSITORY=/models \
@@ -85,10 +83,7 @@ RUN python -m venv /opt/venv \
  && pip install --no-cache-dir \
       "mmserve @ file://${WHEEL}" \
       "onnxruntime-gpu==${ORT_VERSION}" \
-      numpy==2.4.6 pillow==13.0.0 soundfile==0.14.0 tokenizers==0.23.3 \
-      pydantic==2.14.4 pydantic-settings==2.16.3 pyyaml==6.0.4 \
-      fastapi==0.165.0 starlette==1.10.0 "uvicorn[standard]==0.54.0" \
-      python-multipart==0.0.34 prometheus-client==0.26.0 \
+      -r /wheels/requirements-serve.txt \
  && rm -rf /wheels \
  && useradd --uid 10001 --user-group --create-home --home-dir /home/mmserve --shell /usr/sbin/nologin mmserve \
  && mkdir -p /models && chown 10001:10001 /models
