@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -24,6 +24,59 @@ from models.manifest import Manifest, read_manifest, verify_files
 log = logging.getLogger("mmserve.registry")
 
 PENDING, LOADING, WARMING, READY, FAILED = "pending", "loading", "warming", "ready", "failed"
+
+# MAX_BATCH_SIZE=auto on CPU: time real batches after warm-up, keep the smallest size near the best
+CALIBRATION_BUDGET_S = 2.0  # model time per model, about (a bigger next size is skipped when it would overrun)
+CALIBRATION_REPS = 2  # runs per size at least; the fastest counts (the first run of a new shape may allocate)
+CALIBRATION_MIN_SIZE_S = 0.05  # ... and more runs (up to 50) while a size has had less than this (fast models: noise)
+CALIBRATION_STOP = 0.9  # stop trying larger sizes once items/s falls below this share of the best so far
+CALIBRATION_TOLERANCE = 0.05  # choose the smallest size within 5% of the best items/s
+
+
+def calibration_sizes(max_size: int) -> list[int]:
+    """1, 2, 4, ... below max_size, then max_size itself."""
+    sizes, n = [], 1
+    while n < max_size:
+        sizes.append(n)
+        n *= 2
+    return sizes + [max(1, max_size)]
+
+
+def measure_batch_sizes(run_once: Callable[[int], float], max_size: int, *, budget_s: float = CALIBRATION_BUDGET_S,
+                        reps: int = CALIBRATION_REPS, min_size_s: float = CALIBRATION_MIN_SIZE_S,
+                        stop_ratio: float = CALIBRATION_STOP) -> dict[int, float]:
+    """Seconds per batch (fastest of at least `reps` runs, more while the size has had less than `min_size_s`)
+    for batch sizes 1, 2, 4, ... up to max_size.
+
+    `run_once(size)` runs one batch and returns its seconds. Bounded: a size is not started when its estimated
+    cost (reps x size x the last size's seconds per item) would take the total past `budget_s` (size 1 always
+    runs), and the sweep stops once items/s falls below `stop_ratio` of the best so far."""
+    timings: dict[int, float] = {}
+    spent = best = 0.0
+    for size in calibration_sizes(max_size):
+        if timings:
+            last = max(timings)
+            if spent + reps * size * timings[last] / last > budget_s:
+                break
+        runs: list[float] = []
+        while len(runs) < reps or (sum(runs) < min_size_s and len(runs) < 50):
+            runs.append(run_once(size))
+            spent += runs[-1]
+            if spent > budget_s:
+                break
+        timings[size] = min(runs)
+        rate = size / max(timings[size], 1e-9)
+        if rate < stop_ratio * best:
+            break
+        best = max(best, rate)
+    return timings
+
+
+def choose_batch_size(timings: dict[int, float], tolerance: float = CALIBRATION_TOLERANCE) -> int:
+    """The smallest batch size whose items/s is within `tolerance` of the best measured."""
+    rates = {size: size / max(seconds, 1e-9) for size, seconds in timings.items()}
+    best = max(rates.values())
+    return min(size for size, rate in rates.items() if rate >= (1.0 - tolerance) * best)
 
 
 @dataclass
@@ -47,6 +100,8 @@ class ModelEntry:
     preprocessor: Any = None
     batcher: Batcher | None = None
     max_batch_size: int = 1
+    batch_size_source: str | None = None  # settings | manifest | auto-calibrated
+    batch_calibration: dict[int, float] | None = None  # batch size -> items/s measured at start-up (auto, CPU)
     load_seconds: float | None = None
     warmup_seconds: float | None = None
     pad_id: int = 0
@@ -81,6 +136,7 @@ class ModelEntry:
             "device": rt.device if rt else None,
             "provider": rt.provider if rt else None,
             "max_batch_size": self.max_batch_size,
+            "batch_size_source": self.batch_size_source,
         }
         m = self.manifest
         if m is not None:
@@ -103,6 +159,8 @@ class ModelEntry:
                 package_version=m.package_version,
                 load_seconds=self.load_seconds,
                 warmup_seconds=self.warmup_seconds,
+                batch_calibration=({str(k): round(v, 2) for k, v in self.batch_calibration.items()}
+                                   if self.batch_calibration else None),
                 queue_depth=self.batcher.depth if self.batcher else 0,
             )
         return out
@@ -206,7 +264,12 @@ class Registry:
             expected = [t.name for t in manifest.inputs]
             if sorted(entry.runtime.input_names) != sorted(expected):
                 raise RuntimeError(f"model inputs {entry.runtime.input_names} differ from manifest {expected}")
-            entry.max_batch_size = max(1, min(s.max_batch_size, manifest.max_batch_size))
+            cap = max(1, manifest.max_batch_size)
+            if s.max_batch_size == "auto":
+                entry.max_batch_size, entry.batch_size_source = cap, "manifest"
+            else:
+                entry.max_batch_size = min(s.max_batch_size, cap)
+                entry.batch_size_source = "settings" if s.max_batch_size <= cap else "manifest"
             entry.load_seconds = time.perf_counter() - t0
             self.metrics.load_seconds.labels(entry.name, str(entry.version)).set(entry.load_seconds)
             entry.state = WARMING
@@ -226,7 +289,42 @@ class Registry:
             return False
 
     def _warm_up(self, entry: ModelEntry) -> None:
-        """Worst case: max batch size, max sequence length, every modality present; then a batch of 1."""
+        """Worst case: max batch size, max sequence length, every modality present; then a batch of 1.
+
+        MAX_BATCH_SIZE=auto on CPU: first calibrate the batch size on these worst-case items (see
+        `measure_batch_sizes`), so the worst-case batch is the chosen size, not the manifest's."""
+        item = self._warmup_item(entry)
+        if self.settings.max_batch_size == "auto" and entry.runtime is not None and entry.runtime.device == "cpu":
+            self._check_outputs(entry, entry.infer([item]))  # first run: allocations, lazy init
+
+            def run_once(size: int) -> float:
+                t0 = time.perf_counter()
+                entry.infer([item] * size)
+                return time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            timings = measure_batch_sizes(run_once, entry.max_batch_size)
+            entry.max_batch_size = choose_batch_size(timings)
+            entry.batch_size_source = "auto-calibrated"
+            entry.batch_calibration = {size: size / max(sec, 1e-9) for size, sec in timings.items()}
+            log.info("model %s:%s batch size %d (auto-calibrated on cpu in %.2fs: %s items/s)", entry.name,
+                     entry.version, entry.max_batch_size, time.perf_counter() - t0,
+                     ", ".join(f"b{k} {v:.1f}" for k, v in entry.batch_calibration.items()))
+        for size in (entry.max_batch_size, 1):
+            self._check_outputs(entry, entry.infer([item] * size))
+
+    @staticmethod
+    def _check_outputs(entry: ModelEntry, outs: list[np.ndarray]) -> None:
+        assert entry.manifest is not None
+        n_labels = len(entry.manifest.labels)
+        if outs[0].shape[-1] != n_labels:
+            raise RuntimeError(f"model outputs {outs[0].shape[-1]} scores per item, manifest has {n_labels} labels")
+        if not np.all(np.isfinite(outs[0])):
+            raise RuntimeError("warm-up produced non-finite logits")
+
+    @staticmethod
+    def _warmup_item(entry: ModelEntry) -> Prepared:
+        """Worst case: max sequence length, every modality present."""
         from PIL import Image
 
         from models.preprocessing import Features
@@ -245,13 +343,7 @@ class Registry:
             f.audio_features = pre.audio_from_waveform(np.zeros(spec.audio.num_samples, np.float32),
                                                        spec.audio.sample_rate)
         length = len(f.input_ids) if f.input_ids is not None else None
-        for size in (entry.max_batch_size, 1):
-            outs = entry.infer([Prepared(f, length)] * size)
-            n_labels = len(m.labels)
-            if outs[0].shape[-1] != n_labels:
-                raise RuntimeError(f"model outputs {outs[0].shape[-1]} scores per item, manifest has {n_labels} labels")
-            if not np.all(np.isfinite(outs[0])):
-                raise RuntimeError("warm-up produced non-finite logits")
+        return Prepared(f, length)
 
     # -- lookup ------------------------------------------------------------------------------
     def choose(self, task: str, name: str | None) -> ModelEntry:

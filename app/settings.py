@@ -51,8 +51,13 @@ class Settings(BaseSettings):
     )
 
     # -- batching -------------------------------------------------------------------------------
-    max_batch_size: int = Field(
-        32, ge=1, le=1024, description="Largest batch per inference (capped further by each manifest's max_batch_size)."
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
+        "auto",
+        description="Largest batch per inference. `auto` (default): each manifest's max_batch_size on GPU; on CPU, "
+        "measured per model after warm-up (batches of 1, 2, 4, ... up to the manifest's max_batch_size, about 2 s): "
+        "the smallest size within 5% of the best items/s (big models on CPU get slower per item in big batches); "
+        "with WARMUP off, the manifest's value. An integer fixes it (capped by each manifest's max_batch_size). "
+        "`/v1/models` shows the size in use and its source.",
     )
     max_delay_ms: float = Field(
         5.0,
@@ -100,6 +105,13 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [k.strip() for k in text.split(",") if k.strip()]
+        return value
+
+    @field_validator("max_batch_size", mode="before")
+    @classmethod
+    def _auto(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
         return value
 
     @field_validator("log_level")

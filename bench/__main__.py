@@ -62,7 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--server-cpus", default=None, help="cores for servers and the limit, e.g. 1 or 2-15")
     p.add_argument("--client-cpus", default=None, help="cores for the load generator, e.g. 0")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: server cores, <= 8)")
-    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-batch-size", type=int, default=32,
+                   help="largest batch for the limit sweep and the peer (mmserve uses MMSERVE_MAX_BATCH_SIZE=auto, "
+                        "its default, unless --mmserve-env sets it)")
     p.add_argument("--peer-batch-timeout", type=float, default=0.005, help="LitServe batch_timeout (s)")
     p.add_argument("--mmserve-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra MMSERVE_* settings for both mmserve runs (repeatable)")
@@ -198,7 +200,7 @@ def run_workload(wl, args, systems, concurrency, server_cpus, threads, log_dir, 
                                    device=args.device, log_dir=log_dir, name=f"litserve-{wl.name}")
         else:
             srv = servers.mmserve(wl.repository_view(), name=f"{sysname}-{wl.name}",
-                                  max_batch_size=args.max_batch_size if sysname == "mmserve" else 1,
+                                  max_batch_size="auto" if sysname == "mmserve" else 1,
                                   threads=threads, cpus=server_cpus, device=args.device, log_dir=log_dir,
                                   extra_env=extra)
         entry: dict = {"settings": srv.notes, "points": []}

@@ -151,7 +151,7 @@ def _base_env() -> dict[str, str]:
     return env
 
 
-def mmserve(repository: Path, *, name: str, max_batch_size: int, threads: int, cpus: set[int] | None,
+def mmserve(repository: Path, *, name: str, max_batch_size: int | str, threads: int, cpus: set[int] | None,
             device: str, log_dir: Path, extra_env: dict[str, str] | None = None) -> Server:
     port = free_port()
     env = _base_env()

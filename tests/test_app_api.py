@@ -147,12 +147,44 @@ def test_models_listing(client):
     for m in models.values():
         assert m["state"] == "ready" and m["backend"] == "onnx"
         assert m["provider"] == "CPUExecutionProvider" and m["device"] == "cpu"
+        # MAX_BATCH_SIZE=auto (default) on CPU: calibrated at start-up, and what the batcher uses
+        assert m["batch_size_source"] == "auto-calibrated" and 1 <= m["max_batch_size"] <= 32
+        assert client.app.state.service.registry.entries[m["name"]].batcher.max_batch_size == m["max_batch_size"]
     d = client.get("/v1/models/tiny-ner").json()
     assert d["labels"][0] == "O" and d["task"] == "ner"
+    assert str(d["max_batch_size"]) in d["batch_calibration"] and "1" in d["batch_calibration"]
     assert [t["name"] for t in d["inputs"]] == ["input_ids", "attention_mask"]
     assert d["outputs"][0]["name"] == "logits" and d["warmup_seconds"] is not None
     r = client.get("/v1/models/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_auto_batch_size_is_calibrated_and_reported(tmp_path, monkeypatch):
+    """A model whose batch costs 16 ms up to 4 items, then 4 ms per item: items/s stops growing at 4."""
+    from app import runtime
+
+    build_model(tmp_path, "tiny-classify")
+    run = runtime.OnnxRuntime.run
+
+    def costly(self, feeds):
+        n = len(feeds["input_ids"])
+        time.sleep(0.004 * max(n, 4))
+        return run(self, feeds)
+
+    monkeypatch.setattr(runtime.OnnxRuntime, "run", costly)
+    with make_client(tmp_path) as c:
+        wait_ready(c)
+        (m,) = c.get("/v1/models").json()["models"]
+        assert m["max_batch_size"] == 4 and m["batch_size_source"] == "auto-calibrated"
+        d = c.get("/v1/models/tiny-classify").json()
+        assert {"1", "2", "4", "8"} <= set(d["batch_calibration"])
+        assert c.app.state.service.registry.entries["tiny-classify"].batcher.max_batch_size == 4
+    for setting, size, source in ((8, 8, "settings"), (64, 32, "manifest")):  # an integer: as given, capped
+        with make_client(tmp_path, max_batch_size=setting) as c:
+            wait_ready(c)
+            (m,) = c.get("/v1/models").json()["models"]
+            assert (m["max_batch_size"], m["batch_size_source"]) == (size, source)
+            assert c.get("/v1/models/tiny-classify").json()["batch_calibration"] is None
 
 
 # ------------------------------------------------------------------------------------ errors

@@ -10,6 +10,7 @@ import pytest
 from app.batcher import Batcher, ItemResult
 from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
 from app.metrics import Metrics
+from app.registry import calibration_sizes, choose_batch_size, measure_batch_sizes
 
 
 class FakeModel:
@@ -222,3 +223,52 @@ def test_metrics_record_batches_and_queue_depth():
     assert 'mmserve_batch_size_count{model="m"}' in text
     assert 'mmserve_batch_size_sum{model="m"} 10.0' in text
     assert 'mmserve_queue_depth{model="m"} 0.0' in text
+
+
+# ------------------------------------------------------------------------------------ batch-size calibration
+def test_choose_batch_size_takes_the_smallest_within_5_percent_of_the_best():
+    # seconds per batch -> items/s: b1 100, b2 190, b4 400, b8 410, b16 400
+    assert choose_batch_size({1: 0.01, 2: 2 / 190, 4: 0.01, 8: 8 / 410, 16: 0.04}) == 4
+    # a big model on CPU: slower per item as batches grow (b1 6.2/s, b2 5.5/s, b8 4.9/s) -> 1
+    assert choose_batch_size({1: 1 / 6.2, 2: 2 / 5.5, 4: 4 / 5.2, 8: 8 / 4.9}) == 1
+    # a GPU-like curve: throughput keeps growing -> the largest
+    assert choose_batch_size({n: 0.01 for n in (1, 2, 4, 8, 16, 32)}) == 32
+    assert choose_batch_size({1: 0.5}) == 1
+
+
+def test_calibration_sweep_is_bounded_and_stops_when_throughput_falls():
+    assert calibration_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert calibration_sizes(24) == [1, 2, 4, 8, 16, 24]
+    assert calibration_sizes(1) == [1]
+
+    def model(cost):
+        calls = []
+
+        def run_once(n):
+            calls.append(n)
+            return cost(n)
+        return run_once, calls
+
+    # flat 10 ms per batch: every size, two runs each (min_size_s 0), 0.12 s in all
+    run, calls = model(lambda n: 0.01)
+    assert sorted(measure_batch_sizes(run, 32, min_size_s=0)) == [1, 2, 4, 8, 16, 32] and len(calls) == 12
+    # fast batches are repeated until each size has had min_size_s (noise), at most 50 runs
+    run, calls = model(lambda n: 0.01)
+    measure_batch_sizes(run, 2, min_size_s=0.05)
+    assert calls == [1] * 5 + [2] * 5
+    run, calls = model(lambda n: 0.0)
+    measure_batch_sizes(run, 1, min_size_s=0.05)
+    assert len(calls) == 50
+    # items/s falls below 0.9 of the best at b4: no larger size is tried
+    run, calls = model(lambda n: {1: 0.010, 2: 0.019, 4: 0.050}.get(n, 1.0))
+    assert sorted(measure_batch_sizes(run, 32)) == [1, 2, 4] and max(calls) == 4
+    # 0.16 s per item (the demo model): b4 would take 2 x 0.64 s more, past the 2 s budget -> not started
+    run, calls = model(lambda n: 0.16 * n)
+    timings = measure_batch_sizes(run, 32, budget_s=2.0)
+    assert sorted(timings) == [1, 2] and choose_batch_size(timings) == 1
+    # size 1 always runs, even when one run alone is over the budget (and is then not repeated)
+    run, calls = model(lambda n: 5.0)
+    assert measure_batch_sizes(run, 32, budget_s=2.0) == {1: 5.0} and calls == [1]
+    # the fastest of the runs counts (the first run of a new shape may allocate)
+    times = iter([0.05, 0.01, 0.02, 0.02])
+    assert measure_batch_sizes(lambda n: next(times), 2, min_size_s=0) == {1: 0.01, 2: 0.02}
