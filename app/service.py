@@ -30,6 +30,7 @@ class ClientGone(ApiError):
 @dataclass
 class ItemOutcome:
     body: dict[str, Any] | None = None
+    prepared: Prepared | None = None
     error: ApiError | None = None
     result: ItemResult | None = None
     preprocess_s: float = 0.0
@@ -87,8 +88,7 @@ class Service:
                 return
             try:
                 check_input(entry, task, inp)
-                prepared, outcomes[i].preprocess_s = await self._preprocess(entry, task, inp)
-                outcomes[i].body = {"_prepared": prepared}
+                outcomes[i].prepared, outcomes[i].preprocess_s = await self._preprocess(entry, task, inp)
             except ApiError as err:
                 outcomes[i].error = err
 
@@ -105,7 +105,7 @@ class Service:
             if oc.error is not None:
                 continue
             try:
-                futures[i] = entry.batcher.submit(oc.body["_prepared"], deadline, rid)  # type: ignore[index]
+                futures[i] = entry.batcher.submit(oc.prepared, deadline, rid)
             except ApiError as err:
                 oc.error = err
         if futures:
@@ -114,9 +114,8 @@ class Service:
             if oc.error is not None or oc.result is None:
                 continue
             inp = items[i]
-            prepared = oc.body["_prepared"]  # type: ignore[index]
             try:
-                oc.body = postprocess(entry, task, prepared, oc.result.output, inp.text,
+                oc.body = postprocess(entry, task, oc.prepared, oc.result.output, inp.text,
                                       effective_top_k(entry, inp.top_k or default_top_k))
             except Exception:  # noqa: BLE001
                 log.exception("postprocessing failed")
