@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.errors import ApiError, openapi_errors
 from app.service import Service
-from app.tasks import (BATCH_MODEL, RESPONSE_MODEL, SINGLE_MODEL, TEXT_FIELD, BatchResponse, TaskInput, parse)
+from app.tasks import BATCH_MODEL, RESPONSE_MODEL, SINGLE_MODEL, TEXT_FIELD, BatchResponse, parse
 
 router = APIRouter()
 
@@ -199,4 +199,4 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-__all__ = ["router", "TaskInput"]
+__all__ = ["router"]

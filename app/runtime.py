@@ -103,8 +103,7 @@ class OnnxRuntime:
 class TorchScriptRuntime:
     backend = "torchscript"
 
-    def __init__(self, path: Path, device: str, input_names: list[str], intra_op_threads: int = 0,
-                 inter_op_threads: int = 1):
+    def __init__(self, path: Path, device: str, input_names: list[str], intra_op_threads: int = 0):
         import torch  # lazily: only when the TorchScript backend is selected
 
         self._torch = torch
@@ -143,4 +142,4 @@ def create_runtime(backend: str, directory: Path, manifest: Manifest, device: st
     path = Path(directory) / fmt.file
     if backend == "onnx":
         return OnnxRuntime(path, device, intra_op_threads, inter_op_threads, allow_spinning)
-    return TorchScriptRuntime(path, device, [t.name for t in manifest.inputs], intra_op_threads, inter_op_threads)
+    return TorchScriptRuntime(path, device, [t.name for t in manifest.inputs], intra_op_threads)

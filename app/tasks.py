@@ -140,7 +140,6 @@ class Parsed:
     model: str | None = None
     timeout_ms: int | None = None
     top_k: int | None = None
-    batch: bool = False
     errors: dict[int, ApiError] = field(default_factory=dict)  # per-item parse errors (batch form)
 
 
@@ -179,7 +178,7 @@ async def parse(request: Request, task: str, *, batch: bool, max_upload: int, ma
         if batch:
             if len(req.inputs) > max_items:
                 raise invalid(f"at most {max_items} inputs per batch request (MAX_BATCH_ITEMS), got {len(req.inputs)}")
-            parsed = Parsed([], req.model, req.timeout_ms, req.top_k, batch=True)
+            parsed = Parsed([], req.model, req.timeout_ms, req.top_k)
             for i, item in enumerate(req.inputs):
                 try:
                     parsed.items.append(TaskInput(getattr(item, text_field), _b64(item.image, "image"),

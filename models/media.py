@@ -24,6 +24,9 @@ _PIL_FORMATS = {
     "image/bmp": "BMP",
     "image/tiff": "TIFF",
 }
+# sample rates a real recording can have; outside them a header is corrupt (and resampling from
+# under ~8 Hz, or from MHz rates, is impossible or needlessly costly)
+_AUDIO_RATES = (1_000, 768_000)
 # sizes of the DIB header that follows a BMP file header; "BM" alone is too weak a signature
 _BMP_DIB_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}
 
@@ -138,8 +141,9 @@ def decode_audio(data: bytes, *, max_seconds: float) -> tuple[np.ndarray, int]:
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             rate = int(f.samplerate)
-            if rate <= 0:
-                raise MediaError("undecodable_media", f"{kind} header has sample rate {rate}")
+            if not _AUDIO_RATES[0] <= rate <= _AUDIO_RATES[1]:
+                raise MediaError("undecodable_media", f"{kind} header has sample rate {rate} Hz, expected "
+                                 f"{_AUDIO_RATES[0]} to {_AUDIO_RATES[1]} Hz")
             limit = int(max_seconds * rate)
             if f.frames > limit:
                 raise MediaError(

@@ -322,3 +322,13 @@ def test_collate_media_only_model_and_errors(spec):
     with pytest.raises(ValueError, match="shape"):
         collate([Features(pixel_values=np.zeros((3, 8, 8), np.float32))], ["image"], spec)
 
+
+
+def test_absurd_sample_rates_are_undecodable_not_a_crash(pre):
+    # a 5 Hz header made resample() divide by zero (a 500); refuse it like a corrupt header
+    for rate in (5, 1_000_000):
+        buf = io.BytesIO()
+        sf.write(buf, np.zeros((10, 1), np.float32), rate, format="WAV", subtype="PCM_16")
+        with pytest.raises(MediaError) as exc_info:
+            pre.audio_from_bytes(buf.getvalue())
+        assert_media_error(exc_info, "undecodable_media", 400)

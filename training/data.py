@@ -386,19 +386,6 @@ def read_dataset(
 # ---------------------------------------------------------------------------- torch side
 
 
-class ExampleDataset:
-    """A map-style dataset (torch.utils.data.Dataset protocol) over preprocessed examples."""
-
-    def __init__(self, examples: list[Example]):
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> Example:
-        return self.examples[i]
-
-
 def make_collate_fn(task: str, modalities: Sequence[str], spec, pad_id: int = 0,
                     multi_label: bool = False) -> Callable[[list[Example]], dict]:
     """Batch examples into the tensor contract (torch tensors) plus `labels`.

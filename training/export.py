@@ -57,7 +57,6 @@ MAX_DEV_RECORDS = 64
 
 _TEXT_INPUTS = ("input_ids", "attention_mask")
 _MEDIA_INPUTS = {"image": ("pixel_values", "image_present"), "audio": ("audio_features", "audio_present")}
-_INPUT_ORDER = ("input_ids", "attention_mask", "pixel_values", "image_present", "audio_features", "audio_present")
 
 
 class ExportError(RuntimeError):
