@@ -8,18 +8,21 @@ from starlette.responses import JSONResponse
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
-                 details: Any = None):
+                 details: Any = None, request_id: str | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
         self.details = details
+        self.request_id = request_id  # set on 500s, so a user can quote it to whoever reads the logs
 
     def body(self) -> dict[str, Any]:
         err: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.details is not None:
             err["details"] = self.details
+        if self.request_id is not None:
+            err["request_id"] = self.request_id
         return {"error": err}
 
     def response(self) -> JSONResponse:

@@ -91,6 +91,10 @@ class Service:
                 outcomes[i].prepared, outcomes[i].preprocess_s = await self._preprocess(entry, task, inp)
             except ApiError as err:
                 outcomes[i].error = err
+            except Exception:  # noqa: BLE001 - one item's bug must not fail the other items of a batch request
+                log.exception("preprocessing failed")
+                outcomes[i].error = ApiError(500, "internal_error", "internal error while preprocessing",
+                                             request_id=rid)
 
         await asyncio.gather(*(prepare(i, inp) for i, inp in enumerate(items)))
         futures: dict[int, asyncio.Future] = {}
@@ -119,7 +123,7 @@ class Service:
                                       effective_top_k(entry, inp.top_k or default_top_k))
             except Exception:  # noqa: BLE001
                 log.exception("postprocessing failed")
-                oc.error = ApiError(500, "internal_error", "postprocessing failed")
+                oc.error = ApiError(500, "internal_error", "postprocessing failed", request_id=rid)
         return outcomes
 
     async def _wait(self, request: Request, entry: ModelEntry, futures: dict[int, asyncio.Future],

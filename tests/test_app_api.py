@@ -272,6 +272,25 @@ def test_internal_errors_leak_nothing(client, monkeypatch):
     assert r.json()["error"]["request_id"] == "abc-123" and r.headers["x-request-id"] == "abc-123"
 
 
+def test_an_internal_error_in_one_batch_item_fails_only_that_item(client, monkeypatch):
+    import app.service as service
+
+    real = service.check_input
+
+    def boom_on_one(entry, task, inp):
+        if inp.text == "boom":
+            raise RuntimeError("secret internals")
+        return real(entry, task, inp)
+
+    monkeypatch.setattr(service, "check_input", boom_on_one)
+    r = client.post("/v1/classify/batch", json={"inputs": [{"text": "fine"}, {"text": "boom"}]},
+                    headers={"X-Request-ID": "rid-b"})
+    assert r.status_code == 200
+    good, bad = r.json()["results"]
+    assert good["status"] == 200 and good["predictions"]
+    assert bad["status"] == 500 and bad["error"]["request_id"] == "rid-b" and "secret" not in r.text
+
+
 def test_request_id_kept_or_generated_and_logged_as_json(client, caplog):
     from app.logging import JsonFormatter, RequestIdFilter
 
