@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.errors import ApiError, openapi_errors
-from app.service import Service
+from app.registry import ModelEntry
+from app.service import ItemOutcome, Service
 from app.tasks import BATCH_MODEL, RESPONSE_MODEL, SINGLE_MODEL, TEXT_FIELD, BatchResponse, parse
 
 router = APIRouter()
@@ -67,64 +68,52 @@ def _request_body(task: str) -> dict[str, Any]:
     }}}
 
 
-async def _single(request: Request, task: str) -> Response:
+async def _handle(request: Request, task: str, *, batch: bool) -> Response:
+    """Both forms of a task endpoint: parse, pick the model, run every item, answer, account."""
     svc: Service = request.app.state.service
-    endpoint = f"/v1/{task}"
+    endpoint = f"/v1/{task}/batch" if batch else f"/v1/{task}"
     started, t_mono = time.perf_counter(), time.monotonic()
     svc.enter(endpoint)
     model_label, status = "", 500
     try:
-        parsed = await parse(request, task, batch=False, max_upload=svc.settings.max_upload_bytes,
-                             max_items=svc.settings.max_batch_items)
-        entry = svc.registry.choose(task, parsed.model)
-        model_label = entry.name
-        deadline = svc.deadline(t_mono, parsed.timeout_ms)
-        (out,) = await svc.run_items(request, task, entry, parsed.items, parsed.top_k, deadline)
-        if out.error is not None:
-            raise out.error
-        assert out.result is not None
-        status = 200
-        r = out.result
-        return JSONResponse(out.body, headers={
-            "x-model": f"{entry.name}:{entry.version}", "x-batch-size": str(r.batch_size),
-            "x-preprocess-time": f"{out.preprocess_s * 1000:.3f}", "x-queue-time": f"{r.queue_seconds * 1000:.3f}",
-            "x-inference-time": f"{r.inference_seconds * 1000:.3f}"})
-    except ApiError as err:
-        status = err.status
-        return err.response()
-    finally:
-        svc.leave(endpoint, model_label, status, started)
-
-
-async def _batch(request: Request, task: str) -> Response:
-    svc: Service = request.app.state.service
-    endpoint = f"/v1/{task}/batch"
-    started, t_mono = time.perf_counter(), time.monotonic()
-    svc.enter(endpoint)
-    model_label, status = "", 500
-    try:
-        parsed = await parse(request, task, batch=True, max_upload=svc.settings.max_upload_bytes,
+        parsed = await parse(request, task, batch=batch, max_upload=svc.settings.max_upload_bytes,
                              max_items=svc.settings.max_batch_items)
         entry = svc.registry.choose(task, parsed.model)
         model_label = entry.name
         deadline = svc.deadline(t_mono, parsed.timeout_ms)
         outs = await svc.run_items(request, task, entry, parsed.items, parsed.top_k, deadline, parsed.errors)
-        results = []
-        for i, oc in enumerate(outs):
-            if oc.error is not None:
-                results.append({"index": i, "status": oc.error.status, **oc.error.body()})
-            else:
-                body = dict(oc.body or {})
-                body.pop("model", None)
-                body.pop("version", None)
-                results.append({"index": i, "status": 200, **body})
+        response = _batch_response(entry, outs) if batch else _single_response(entry, outs[0])
         status = 200
-        return JSONResponse({"model": entry.name, "version": entry.version, "results": results})
+        return response
     except ApiError as err:
         status = err.status
         return err.response()
     finally:
         svc.leave(endpoint, model_label, status, started)
+
+
+def _single_response(entry: ModelEntry, out: ItemOutcome) -> Response:
+    if out.error is not None:
+        raise out.error
+    assert out.result is not None
+    r = out.result
+    return JSONResponse(out.body, headers={
+        "x-model": f"{entry.name}:{entry.version}", "x-batch-size": str(r.batch_size),
+        "x-preprocess-time": f"{out.preprocess_s * 1000:.3f}", "x-queue-time": f"{r.queue_seconds * 1000:.3f}",
+        "x-inference-time": f"{r.inference_seconds * 1000:.3f}"})
+
+
+def _batch_response(entry: ModelEntry, outs: list[ItemOutcome]) -> Response:
+    results = []
+    for i, oc in enumerate(outs):
+        if oc.error is not None:
+            results.append({"index": i, "status": oc.error.status, **oc.error.body()})
+        else:
+            body = dict(oc.body or {})
+            body.pop("model", None)
+            body.pop("version", None)
+            results.append({"index": i, "status": 200, **body})
+    return JSONResponse({"model": entry.name, "version": entry.version, "results": results})
 
 
 _DESCRIPTIONS = {
@@ -138,12 +127,12 @@ _DESCRIPTIONS = {
 
 def _add_task_routes(task: str) -> None:
     async def single(request: Request) -> Response:
-        return await _single(request, task)
+        return await _handle(request, task, batch=False)
 
     async def batch(request: Request, body: Any = Body(..., openapi_examples={
             "two_items": {"summary": "two items, each answered independently",
                           "value": {"inputs": [v["value"] for v in _examples(task).values()][:2]}}})) -> Response:
-        return await _batch(request, task)
+        return await _handle(request, task, batch=True)
 
     batch.__annotations__ = {"request": Request, "body": BATCH_MODEL[task], "return": Response}
     single.__annotations__ = {"request": Request, "return": Response}
