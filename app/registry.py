@@ -221,7 +221,10 @@ class Registry:
                 if entry.state != PENDING or self.draining:
                     continue
                 ok = await asyncio.to_thread(self._load, entry)
-                if ok and not self.draining:
+                if ok and self.draining:  # shutdown began while it loaded: drain() has not seen this runtime
+                    entry.runtime.close()
+                    break
+                if ok:
                     s = self.settings
                     entry.batcher = Batcher(entry.name, entry.infer, max_batch_size=entry.max_batch_size,
                                             max_delay_s=s.max_delay_ms / 1000.0, queue_size=s.queue_size,
