@@ -77,6 +77,13 @@ class BadRecords:
         self.counts[kind] += 1
         self.examples.setdefault(kind, message)
 
+    def handle(self, exc: "_Bad", where: str, skip_bad: bool) -> None:
+        """Fail fast with `where: reason`, or count the record as skipped under --skip-bad."""
+        message = f"{where}: {exc.reason}"
+        if not skip_bad:
+            raise DataError(message) from None
+        self.add(exc.kind, message)
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())
@@ -232,10 +239,7 @@ def read_split(
                     if unknown:
                         raise _Bad("unknown label", f"unknown tag {unknown[0]!r} (not in train.jsonl)")
         except _Bad as exc:
-            message = f"{path}:{number}: {exc.reason}"
-            if not skip_bad:
-                raise DataError(message) from None
-            bad.add(exc.kind, message)
+            bad.handle(exc, f"{path}:{number}", skip_bad)
             continue
         records.append(Record(path=path, line=number, **parsed))
     return records
@@ -323,10 +327,7 @@ def encode_split(
             else:
                 target = vqa_soft_scores(r.target, index)
         except _Bad as exc:
-            message = f"{r.where}: {exc.reason}"
-            if not skip_bad:
-                raise DataError(message) from None
-            bad.add(exc.kind, message)
+            bad.handle(exc, r.where, skip_bad)
             continue
         examples.append(Example(record=r, features=features, target=target))
     return examples
