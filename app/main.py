@@ -63,7 +63,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
 
     from app.api import router
+    from app.v2 import router as v2_router  # Open Inference Protocol (KServe v2), JSON form
     app.include_router(router)
+    app.include_router(v2_router)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Any:
