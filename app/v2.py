@@ -158,33 +158,22 @@ async def _ready(request: Request, model: str, version: str | None) -> Response:
     return Response(status_code=200 if ok else 400)
 
 
+# Each call is served with and without `/versions/{version}`: one function, two paths.
 @router.get("/v2/models/{model}", summary="Model metadata")
-async def get_model(model: str, request: Request) -> Response:
-    return await _metadata(request, model, None)
-
-
 @router.get("/v2/models/{model}/versions/{version}", summary="Model metadata (one version)")
-async def get_model_version(model: str, version: str, request: Request) -> Response:
+async def get_model(model: str, request: Request, version: str | None = None) -> Response:
     return await _metadata(request, model, version)
 
 
 @router.get("/v2/models/{model}/ready", summary="Model readiness: 200 ready, 400 not")
-async def model_ready(model: str, request: Request) -> Response:
-    return await _ready(request, model, None)
-
-
 @router.get("/v2/models/{model}/versions/{version}/ready", summary="Model readiness (one version)")
-async def model_version_ready(model: str, version: str, request: Request) -> Response:
+async def model_ready(model: str, request: Request, version: str | None = None) -> Response:
     return await _ready(request, model, version)
 
 
 @router.post("/v2/models/{model}/infer", summary="Inference (JSON tensors)")
-async def infer(model: str, request: Request) -> Response:
-    return await _infer(request, model, None)
-
-
 @router.post("/v2/models/{model}/versions/{version}/infer", summary="Inference (one version)")
-async def infer_version(model: str, version: str, request: Request) -> Response:
+async def infer(model: str, request: Request, version: str | None = None) -> Response:
     return await _infer(request, model, version)
 
 
