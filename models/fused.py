@@ -4,11 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models import contract
 from models.spec import Task
-
-TEXT_INPUTS = ("input_ids", "attention_mask")
-IMAGE_INPUTS = ("pixel_values", "image_present")
-AUDIO_INPUTS = ("audio_features", "audio_present")
 
 
 class FusedModel(nn.Module):
@@ -44,9 +41,8 @@ class FusedModel(nn.Module):
 
     @property
     def input_names(self) -> list[str]:
-        """The graph inputs in contract order (docs/architecture.md), for this model's modalities."""
-        groups = {"text": TEXT_INPUTS, "image": IMAGE_INPUTS, "audio": AUDIO_INPUTS}
-        return [name for m in self.modalities for name in groups[m]]
+        """The graph inputs in contract order (models/contract.py), for this model's modalities."""
+        return contract.input_names(self.modalities)
 
     def forward(
         self,

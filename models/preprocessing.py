@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image
 from tokenizers import Tokenizer
 
-from models import media
-from models.spec import AudioSpec, ImageSpec, PreprocessSpec
+from models import contract, media
+from models.spec import MODALITIES, AudioSpec, ImageSpec, PreprocessSpec
 
 # Uploads longer than this are refused (413) unless the caller sets its own limit; anything
 # accepted is then cropped to spec.audio.max_seconds, so the limit bounds decoding work only.
@@ -275,7 +275,7 @@ class Preprocessor:
 def collate(
     items: list[Features], modalities: Sequence[str], spec: PreprocessSpec, pad_id: int = 0
 ) -> dict[str, np.ndarray]:
-    """Stack records into the tensor contract of docs/architecture.md, in its order.
+    """Stack records into the tensor contract (models/contract.py), in its order.
 
     input_ids (padded with `pad_id`) and attention_mask (padded with 0): int64 [B, longest T];
     pixel_values float32 [B, 3, size, size] and image_present float32 [B];
@@ -284,7 +284,7 @@ def collate(
     """
     if not items:
         raise ValueError("cannot collate an empty batch")
-    unknown = set(modalities) - {"text", "image", "audio"}
+    unknown = set(modalities) - set(MODALITIES)
     if unknown:
         raise ValueError(f"unknown modalities {sorted(unknown)}")
     batch: dict[str, np.ndarray] = {}
@@ -297,17 +297,17 @@ def collate(
         for i, f in enumerate(items):
             ids[i, : len(f.input_ids)] = f.input_ids
             mask[i, : len(f.attention_mask)] = f.attention_mask
-        batch["input_ids"], batch["attention_mask"] = ids, mask
+        batch[contract.INPUT_IDS], batch[contract.ATTENTION_MASK] = ids, mask
     if "image" in modalities:
         if spec.image is None:
             raise ValueError("the spec has no image settings")
         shape = (3, spec.image.size, spec.image.size)
-        batch["pixel_values"], batch["image_present"] = _stack([f.pixel_values for f in items], shape)
+        batch[contract.PIXEL_VALUES], batch[contract.IMAGE_PRESENT] = _stack([f.pixel_values for f in items], shape)
     if "audio" in modalities:
         if spec.audio is None:
             raise ValueError("the spec has no audio settings")
         shape = (spec.audio.n_mels, spec.audio.num_frames)
-        batch["audio_features"], batch["audio_present"] = _stack([f.audio_features for f in items], shape)
+        batch[contract.AUDIO_FEATURES], batch[contract.AUDIO_PRESENT] = _stack([f.audio_features for f in items], shape)
     return batch
 
 
