@@ -1,9 +1,12 @@
-"""One error shape for every failure: `{"error": {"code", "message"}}` (+ `request_id` on 500)."""
+"""REST (/v1) error shape for every failure: `{"error": {"code", "message"}}` (+ `request_id` on 500),
+and the HTTP status of each of the core's errors (`app/core/errors.py`)."""
 from __future__ import annotations
 
 from typing import Any
 
 from starlette.responses import JSONResponse
+
+from app.core.errors import ServingError
 
 
 class ApiError(Exception):
@@ -35,29 +38,20 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse({"error": err}, status_code=status, headers=headers)
 
 
-def invalid(message: str, details: Any = None) -> ApiError:
-    return ApiError(422, "invalid_request", message, details=details)
+# HTTP status of each core error code (models.media.MediaError codes included)
+STATUS = {
+    "invalid_request": 422, "wrong_task": 422, "ambiguous_model": 422,
+    "undecodable_media": 400, "unsupported_media_type": 415, "media_too_large": 413,
+    "model_not_found": 404, "no_model_for_task": 404,
+    "model_failed": 503, "not_ready": 503, "overloaded": 503,
+    "timeout": 504, "client_disconnected": 499, "inference_failed": 500, "internal_error": 500,
+}
 
 
-class QueueFull(ApiError):
-    def __init__(self, model: str, retry_after: int = 1):
-        super().__init__(503, "overloaded", f"model '{model}' queue is full; retry later",
-                         headers={"Retry-After": str(retry_after)})
-
-
-class NotReady(ApiError):
-    def __init__(self, message: str, retry_after: int = 5):
-        super().__init__(503, "not_ready", message, headers={"Retry-After": str(retry_after)})
-
-
-class DeadlineExceeded(ApiError):
-    def __init__(self, message: str = "request deadline exceeded before inference"):
-        super().__init__(504, "timeout", message)
-
-
-class InferenceFailed(ApiError):
-    def __init__(self, message: str = "inference failed for this input"):
-        super().__init__(500, "inference_failed", message)
+def api_error(err: ServingError) -> ApiError:
+    """A core error as a /v1 error (Retry-After when the core says a retry may help)."""
+    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+    return ApiError(STATUS.get(err.code, 500), err.code, err.message, headers, err.details, err.request_id)
 
 
 # Error responses documented in OpenAPI for the task endpoints.

@@ -15,11 +15,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import ApiError, error_response
+from app.core.errors import ServingError
+from app.core.loading import LoadOptions
+from app.core.registry import Registry
+from app.core.service import Service
+from app.errors import ApiError, api_error, error_response
 from app.metrics import Metrics
 from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
-from app.registry import Registry
-from app.service import Service
 from app.settings import Settings
 
 log = logging.getLogger("mmserve.app")
@@ -36,8 +38,15 @@ DESCRIPTION = """Multimodal (text + image + audio) inference with dynamic batchi
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
-    registry = Registry(settings, metrics)
-    service = Service(settings, metrics, registry)
+    s = settings
+    load = LoadOptions(backend=s.backend, device=s.device, intra_op_threads=s.intra_op_threads,
+                       inter_op_threads=s.inter_op_threads, allow_spinning=s.allow_spinning,
+                       max_image_pixels=s.max_image_pixels, max_audio_seconds=s.max_audio_seconds,
+                       max_batch_size=s.max_batch_size, warmup=s.warmup)
+    registry = Registry(s.repository, metrics, pinned=s.model_versions, load=load, max_delay_s=s.max_delay_ms / 1000.0,
+                        queue_size=s.queue_size, strict_readiness=s.strict_readiness)
+    service = Service(registry, metrics, preprocess_workers=s.preprocess_workers,
+                      request_timeout_s=s.request_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -45,7 +54,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         service.start()
         registry.scan()
         loader = asyncio.create_task(registry.load_all(), name="model-loader")
-        app.state.loader = loader
         try:
             yield
         finally:
@@ -59,17 +67,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     from app import __version__
     app = FastAPI(title="mmserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
-    app.state.settings = settings
     app.state.service = service
 
-    from app.api import router
-    from app.v2 import router as v2_router  # Open Inference Protocol (KServe v2), JSON form
-    app.include_router(router)
-    app.include_router(v2_router)
+    from app import rest, v2
+    app.include_router(rest.build_router(service, max_upload_bytes=s.max_upload_bytes,
+                                         max_batch_items=s.max_batch_items))
+    # Open Inference Protocol (KServe v2), JSON form
+    app.include_router(v2.build_router(service, backend=s.backend, max_batch_items=s.max_batch_items))
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Any:
         return exc.response()
+
+    @app.exception_handler(ServingError)
+    async def _serving_error(request: Request, exc: ServingError) -> Any:
+        return api_error(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Any:

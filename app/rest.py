@@ -1,9 +1,9 @@
-"""HTTP routes: /v1 task endpoints (multipart or JSON, plus a JSON batch form), model listing, probes, metrics."""
+"""REST front-end (/v1): task endpoints (multipart or JSON, plus a JSON batch form), the model listing,
+probes and metrics. Maps the core's errors to HTTP statuses and the `{"error": {...}}` shape."""
 from __future__ import annotations
 
 import base64
 import io
-import time
 from typing import Any
 
 import numpy as np
@@ -11,12 +11,13 @@ from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.errors import ApiError, openapi_errors
-from app.registry import ModelEntry
-from app.service import ItemOutcome, Service
-from app.tasks import BATCH_MODEL, RESPONSE_MODEL, SINGLE_MODEL, TEXT_FIELD, BatchResponse, parse
-
-router = APIRouter()
+from app.core.errors import ServingError
+from app.core.loading import ModelEntry
+from app.core.service import ItemOutcome, Service
+from app.errors import ApiError, api_error, openapi_errors
+from app.rest_parsing import parse
+from app.tasks import TASKS, Task
+from app.tasks.base import BatchResponse
 
 
 def _example_media() -> tuple[str, str]:
@@ -36,60 +37,30 @@ def _example_media() -> tuple[str, str]:
 _PNG, _WAV = _example_media()
 
 
-def _examples(task: str) -> dict[str, Any]:
-    tf = TEXT_FIELD[task]
-    text = {"classify": "a short happy song about the sea", "ner": "Alice flew from Paris to Berlin",
-            "vqa": "what colour is the square?"}[task]
-    ex: dict[str, Any] = {}
-    if task != "vqa":
-        ex["text"] = {"summary": "text only", "value": {tf: text, "top_k": 3}}
-    ex["text_image_audio"] = {"summary": "text + image + audio (base64)",
-                              "value": {tf: text, "image": _PNG, "audio": _WAV, "top_k": 3}}
-    if task == "vqa":
-        ex["text_image"] = {"summary": "question + image (base64)", "value": {tf: text, "image": _PNG}}
-    return ex
-
-
-def _request_body(task: str) -> dict[str, Any]:
-    tf = TEXT_FIELD[task]
-    schema = SINGLE_MODEL[task].model_json_schema()
+def _request_body(task: Task) -> dict[str, Any]:
+    tf = task.text_field
     return {"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {
             "type": "object",
             "properties": {
-                tf: {"type": "string", "description": "input text" if tf == "text" else "the question"},
+                tf: {"type": "string", "description": task.text_description},
                 "image": {"type": "string", "format": "binary", "description": "image file (PNG, JPEG, ...)"},
                 "audio": {"type": "string", "format": "binary", "description": "audio file (WAV, FLAC, OGG)"},
                 "model": {"type": "string", "description": "model name (optional when one model serves the task)"},
                 "top_k": {"type": "integer", "minimum": 1},
                 "timeout_ms": {"type": "integer", "minimum": 1},
             }}},
-        "application/json": {"schema": schema, "examples": _examples(task)},
+        "application/json": {"schema": task.request_model.model_json_schema(),
+                             "examples": task.examples(_PNG, _WAV)},
     }}}
 
 
-async def _handle(request: Request, task: str, *, batch: bool) -> Response:
-    """Both forms of a task endpoint: parse, pick the model, run every item, answer, account."""
-    svc: Service = request.app.state.service
-    endpoint = f"/v1/{task}/batch" if batch else f"/v1/{task}"
-    started, t_mono = time.perf_counter(), time.monotonic()
-    svc.enter(endpoint)
-    model_label, status = "", 500
-    try:
-        parsed = await parse(request, task, batch=batch, max_upload=svc.settings.max_upload_bytes,
-                             max_items=svc.settings.max_batch_items)
-        entry = svc.registry.choose(task, parsed.model)
-        model_label = entry.name
-        deadline = svc.deadline(t_mono, parsed.timeout_ms)
-        outs = await svc.run_items(request, task, entry, parsed.items, parsed.top_k, deadline, parsed.errors)
-        response = _batch_response(entry, outs) if batch else _single_response(entry, outs[0])
-        status = 200
-        return response
-    except ApiError as err:
-        status = err.status
-        return err.response()
-    finally:
-        svc.leave(endpoint, model_label, status, started)
+async def wait_disconnect(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so the next message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def _single_response(entry: ModelEntry, out: ItemOutcome) -> Response:
@@ -107,7 +78,8 @@ def _batch_response(entry: ModelEntry, outs: list[ItemOutcome]) -> Response:
     results = []
     for i, oc in enumerate(outs):
         if oc.error is not None:
-            results.append({"index": i, "status": oc.error.status, **oc.error.body()})
+            err = api_error(oc.error)
+            results.append({"index": i, "status": err.status, **err.body()})
         else:
             body = dict(oc.body or {})
             body.pop("model", None)
@@ -116,76 +88,135 @@ def _batch_response(entry: ModelEntry, outs: list[ItemOutcome]) -> Response:
     return JSONResponse({"model": entry.name, "version": entry.version, "results": results})
 
 
-_DESCRIPTIONS = {
-    "classify": "Classify one record. Returns the top-k `{label, score}` (softmax, or independent sigmoids "
-                "for multi-label models).",
-    "ner": "Named entities of `text`: `{text, type, start, end, score}` with character offsets into the "
-           "submitted text (end exclusive). Words beyond the model's max sequence length are not tagged.",
-    "vqa": "Answer `question` about `image` (audio optional when the model takes it): top-k `{answer, score}`.",
-}
+def describe(entry: ModelEntry, detail: bool = False) -> dict[str, Any]:
+    """A model as /v1/models lists it (`detail`: as /v1/models/{name} shows it)."""
+    rt = entry.runtime
+    out: dict[str, Any] = {
+        "name": entry.name,
+        "version": entry.version,
+        "task": entry.task,
+        "state": entry.state,
+        "reason": entry.reason,
+        "backend": rt.backend if rt else None,
+        "device": rt.device if rt else None,
+        "provider": rt.provider if rt else None,
+        "max_batch_size": entry.max_batch_size,
+        "batch_size_source": entry.batch_size_source,
+    }
+    m = entry.manifest
+    if m is not None:
+        out.update(
+            modalities=[mi.model_dump() for mi in m.modalities],
+            multi_label=m.multi_label,
+            num_labels=len(m.labels),
+        )
+    if detail and m is not None:
+        out.update(
+            labels=m.labels,
+            inputs=[t.model_dump() for t in m.inputs],
+            outputs=[t.model_dump() for t in m.outputs],
+            preprocessing=m.preprocessing.model_dump(),
+            formats={k: v.model_dump() for k, v in m.formats.items()},
+            metrics=m.metrics,
+            parity=[p.model_dump() for p in m.parity],
+            created_at=m.created_at,
+            source_run=m.source_run,
+            package_version=m.package_version,
+            load_seconds=entry.load_seconds,
+            warmup_seconds=entry.warmup_seconds,
+            batch_calibration=({str(k): round(v, 2) for k, v in entry.batch_calibration.items()}
+                               if entry.batch_calibration else None),
+            queue_depth=entry.batcher.depth if entry.batcher else 0,
+        )
+    return out
 
 
-def _add_task_routes(task: str) -> None:
-    async def single(request: Request) -> Response:
-        return await _handle(request, task, batch=False)
+def build_router(service: Service, *, max_upload_bytes: int, max_batch_items: int) -> APIRouter:
+    """The /v1 routes, the probes and /metrics, over `service`."""
+    router = APIRouter()
+    registry = service.registry
 
-    async def batch(request: Request, body: Any = Body(..., openapi_examples={
-            "two_items": {"summary": "two items, each answered independently",
-                          "value": {"inputs": [v["value"] for v in _examples(task).values()][:2]}}})) -> Response:
-        return await _handle(request, task, batch=True)
+    async def handle(request: Request, task: Task, *, batch: bool) -> Response:
+        """Both forms of a task endpoint: parse, pick the model, run every item, answer."""
+        with service.call(f"/v1/{task.name}/batch" if batch else f"/v1/{task.name}") as call:
+            try:
+                parsed = await parse(request, task, batch=batch, max_upload=max_upload_bytes,
+                                     max_items=max_batch_items)
+                entry = registry.choose(task.name, parsed.model)
+                call.model = entry.name
+                good = [i for i in range(len(parsed.items)) if i not in parsed.errors]
+                ran = await service.run_items(request.scope.get("state", {}).get("request_id", "-"),
+                                              lambda: wait_disconnect(request), task, entry,
+                                              [parsed.items[i] for i in good], service.deadline(call, parsed.timeout_ms))
+                outs = [ItemOutcome(error=parsed.errors.get(i)) for i in range(len(parsed.items))]
+                for i, out in zip(good, ran):
+                    outs[i] = out
+                response = _batch_response(entry, outs) if batch else _single_response(entry, outs[0])
+                call.status = 200
+                return response
+            except (ServingError, ApiError) as exc:
+                err = api_error(exc) if isinstance(exc, ServingError) else exc
+                call.status = err.status
+                return err.response()
 
-    batch.__annotations__ = {"request": Request, "body": BATCH_MODEL[task], "return": Response}
-    single.__annotations__ = {"request": Request, "return": Response}
+    def add_task_routes(task: Task) -> None:
+        async def single(request: Request) -> Response:
+            return await handle(request, task, batch=False)
 
-    errs = openapi_errors(400, 401, 404, 413, 415, 422, 503, 504, 500)
-    router.add_api_route(f"/v1/{task}", single, methods=["POST"], tags=["inference"], summary=f"{task} (one record)",
-                         description=_DESCRIPTIONS[task] + " Send `multipart/form-data` (files as uploads) or JSON "
-                         "(files as base64).", response_model=RESPONSE_MODEL[task], responses=errs,
-                         openapi_extra=_request_body(task), name=f"{task}")
-    router.add_api_route(f"/v1/{task}/batch", batch, methods=["POST"], tags=["inference"],
-                         summary=f"{task} (JSON batch)", description="Several records in one request. Each item "
-                         "succeeds or fails on its own: the response is 200 with one result per input, in order, "
-                         "each with its own `status` (and `error` when it failed).",
-                         response_model=BatchResponse, responses=errs, name=f"{task}_batch")
+        async def batch(request: Request, body: Any = Body(..., openapi_examples={
+                "two_items": {"summary": "two items, each answered independently",
+                              "value": {"inputs": [v["value"] for v in task.examples(_PNG, _WAV).values()][:2]}}})
+                        ) -> Response:
+            return await handle(request, task, batch=True)
+
+        batch.__annotations__ = {"request": Request, "body": task.batch_request_model, "return": Response}
+        single.__annotations__ = {"request": Request, "return": Response}
+
+        errs = openapi_errors(400, 401, 404, 413, 415, 422, 503, 504, 500)
+        router.add_api_route(f"/v1/{task.name}", single, methods=["POST"], tags=["inference"],
+                             summary=f"{task.name} (one record)", description=task.description +
+                             " Send `multipart/form-data` (files as uploads) or JSON (files as base64).",
+                             response_model=task.response_model, responses=errs,
+                             openapi_extra=_request_body(task), name=task.name)
+        router.add_api_route(f"/v1/{task.name}/batch", batch, methods=["POST"], tags=["inference"],
+                             summary=f"{task.name} (JSON batch)", description="Several records in one request. "
+                             "Each item succeeds or fails on its own: the response is 200 with one result per "
+                             "input, in order, each with its own `status` (and `error` when it failed).",
+                             response_model=BatchResponse, responses=errs, name=f"{task.name}_batch")
+
+    for task in TASKS.values():
+        add_task_routes(task)
+
+    @router.get("/v1/models", tags=["models"], summary="Served models and their state")
+    async def list_models() -> dict[str, Any]:
+        return {"models": [describe(e) for e in registry.entries.values()]}
+
+    @router.get("/v1/models/{name}", tags=["models"], summary="One model: manifest metadata, labels, tensors, "
+                "device, provider, backend, state", responses=openapi_errors(404))
+    async def get_model(name: str) -> Response:
+        entry = registry.entries.get(name)
+        if entry is None:
+            return ApiError(404, "model_not_found",
+                            f"no model named '{name}'; available: {sorted(registry.entries)}").response()
+        return JSONResponse(describe(entry, detail=True))
+
+    @router.get("/healthz", tags=["probes"], summary="Liveness: the process answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz", tags=["probes"], summary="Readiness: models loaded and warm",
+                description="200 once every model has been tried and at least one is ready (failed models are "
+                "listed under `failed`; with STRICT_READINESS any failed model keeps it 503). 503 while loading, "
+                "when nothing could load, and while shutting down.")
+    async def readyz() -> Response:
+        ok, body = registry.readiness()
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @router.get("/metrics", tags=["probes"], summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router
 
 
-for _task in ("classify", "ner", "vqa"):
-    _add_task_routes(_task)
-
-
-@router.get("/v1/models", tags=["models"], summary="Served models and their state")
-async def list_models(request: Request) -> dict[str, Any]:
-    reg = request.app.state.service.registry
-    return {"models": [e.describe() for e in reg.entries.values()]}
-
-
-@router.get("/v1/models/{name}", tags=["models"], summary="One model: manifest metadata, labels, tensors, "
-            "device, provider, backend, state", responses=openapi_errors(404))
-async def get_model(name: str, request: Request) -> Response:
-    reg = request.app.state.service.registry
-    entry = reg.entries.get(name)
-    if entry is None:
-        return ApiError(404, "model_not_found", f"no model named '{name}'; available: {sorted(reg.entries)}").response()
-    return JSONResponse(entry.describe(detail=True))
-
-
-@router.get("/healthz", tags=["probes"], summary="Liveness: the process answers")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
-
-
-@router.get("/readyz", tags=["probes"], summary="Readiness: models loaded and warm",
-            description="200 once every model has been tried and at least one is ready (failed models are "
-            "listed under `failed`; with STRICT_READINESS any failed model keeps it 503). 503 while loading, "
-            "when nothing could load, and while shutting down.")
-async def readyz(request: Request) -> Response:
-    ok, body = request.app.state.service.registry.readiness()
-    return JSONResponse(body, status_code=200 if ok else 503)
-
-
-@router.get("/metrics", tags=["probes"], summary="Prometheus metrics", response_class=Response)
-async def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-
-__all__ = ["router"]
+__all__ = ["build_router", "describe"]

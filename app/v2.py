@@ -30,25 +30,26 @@ tritonclient reads as well.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.errors import ApiError
-from app.registry import READY, ModelEntry
-from app.service import Service
-from app.tasks import TaskInput, _b64
-
-router = APIRouter(tags=["open inference protocol (v2)"])
+from app.core.errors import ServingError
+from app.core.items import Item, decode_b64
+from app.core.loading import ModelEntry
+from app.core.service import Service
+from app.rest import wait_disconnect
+from app.tasks import get_task
 
 INPUT_NAMES = {"text": "TEXT", "image": "IMAGE", "audio": "AUDIO"}
-MODALITY_OF = {v: k for k, v in INPUT_NAMES.items()}
 PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
 EXTENSIONS = ["classification"]
 INFER_ENDPOINT = "/v2/models/{model}/infer"  # metrics label (bounded cardinality)
+# v2 status of the core's errors: request faults are 400 except these; 5xx keep theirs (and Retry-After)
+STATUS = {"model_not_found": 404, "no_model_for_task": 404, "media_too_large": 413, "unsupported_media_type": 415,
+          "model_failed": 503, "not_ready": 503, "overloaded": 503, "timeout": 504, "inference_failed": 500,
+          "internal_error": 500}
 
 
 class V2Error(Exception):
@@ -60,124 +61,34 @@ class V2Error(Exception):
         return JSONResponse({"error": self.message}, status_code=self.status, headers=self.headers)
 
 
-def _from_api(err: ApiError) -> V2Error:
-    """/v1 errors in the v2 shape: request faults (422 and other 4xx) become 400, except 404 (unknown model),
-    413 and 415; 5xx (overloaded, not ready, deadline, internal) keep their status and Retry-After."""
-    status = err.status
-    if 400 <= status < 500 and status not in (404, 413, 415):
-        status = 400
-    headers = {k: v for k, v in err.headers.items() if k.lower() == "retry-after"}
-    return V2Error(status, err.message, headers)
+def _from_core(err: ServingError) -> V2Error:
+    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+    return V2Error(STATUS.get(err.code, 400), err.message, headers)
 
 
-# ------------------------------------------------------------------------------------ lookup
-def _service(request: Request) -> Service:
-    return request.app.state.service
-
-
-def _entry(request: Request, model: str, version: str | None) -> ModelEntry:
-    reg = _service(request).registry
-    entry = reg.entries.get(model)
-    if entry is None:
-        raise V2Error(404, f"unknown model '{model}'; available: {sorted(reg.entries)}")
-    if version is not None and version != str(entry.version):
-        raise V2Error(400, f"model '{model}' version '{version}' is not served; the loaded version is "
-                           f"'{entry.version}'")
-    return entry
-
-
-def _platform(request: Request, entry: ModelEntry) -> str:
-    backend = entry.runtime.backend if entry.runtime is not None else _service(request).settings.backend
-    return PLATFORMS.get(backend, backend)
-
-
-def _output_names(entry: ModelEntry) -> list[str]:
-    return ["ENTITIES"] if entry.task == "ner" else ["SCORES"]
-
-
-def model_metadata(request: Request, entry: ModelEntry) -> dict[str, Any]:
+# ------------------------------------------------------------------------------------ metadata
+def model_metadata(entry: ModelEntry, platform: str) -> dict[str, Any]:
     m = entry.manifest
     if m is None:
         raise V2Error(400, f"model '{entry.name}' has no readable manifest: {entry.reason}")
+    task = get_task(m.task)
     inputs = []
     for mod in m.modalities:
         if mod.name == "text":
-            what = "the question (UTF-8 text)" if m.task == "vqa" else "UTF-8 text"
+            what = task.v2_text_content
         elif mod.name == "image":
             what = "encoded image file (PNG/JPEG/GIF/WEBP/BMP/TIFF) as a base64 string in JSON"
         else:
             what = "encoded audio file (WAV/FLAC/OGG) as a base64 string in JSON"
-        optional = not (mod.required or (mod.name == "text") or (m.task == "vqa" and mod.name == "image"))
+        optional = not (mod.required or mod.name == "text" or mod.name in task.required_media)
         inputs.append({"name": INPUT_NAMES[mod.name], "datatype": "BYTES", "shape": [-1, 1],
                        "parameters": {"content": what, "optional": optional}})
-    if m.task == "ner":
-        outputs = [{"name": "ENTITIES", "datatype": "BYTES", "shape": [-1, 1],
-                    "parameters": {"content": "JSON string: list of {text, type, start, end, score} per row"}}]
-    else:
-        outputs = [{"name": "SCORES", "datatype": "FP32", "shape": [-1, len(m.labels)],
-                    "parameters": {"content": "sigmoid scores" if m.multi_label else "softmax scores",
-                                   "labels": list(m.labels), "classification": True}}]
-    return {"name": entry.name, "versions": [str(entry.version)], "platform": _platform(request, entry),
-            "inputs": inputs, "outputs": outputs,
+    return {"name": entry.name, "versions": [str(entry.version)], "platform": platform,
+            "inputs": inputs, "outputs": task.v2_output_metadata(m),
             "parameters": {"task": m.task, "max_batch_size": entry.max_batch_size, "state": entry.state}}
 
 
-# ------------------------------------------------------------------------------------ server
-@router.get("/v2", summary="Server metadata")
-async def server_metadata() -> dict[str, Any]:
-    from app import __version__
-
-    return {"name": "mmserve", "version": __version__, "extensions": EXTENSIONS}
-
-
-@router.get("/v2/health/live", summary="Server liveness (200, empty body)")
-async def server_live() -> Response:
-    return Response(status_code=200)
-
-
-@router.get("/v2/health/ready", summary="Server readiness: 200 ready, 400 not ready (same rule as /readyz)")
-async def server_ready(request: Request) -> Response:
-    ok, _ = _service(request).registry.readiness()
-    return Response(status_code=200 if ok else 400)
-
-
-# ------------------------------------------------------------------------------------ models
-async def _metadata(request: Request, model: str, version: str | None) -> Response:
-    try:
-        return JSONResponse(model_metadata(request, _entry(request, model, version)))
-    except V2Error as err:
-        return err.response()
-
-
-async def _ready(request: Request, model: str, version: str | None) -> Response:
-    try:
-        entry = _entry(request, model, version)
-    except V2Error as err:
-        return err.response()
-    ok = entry.state == READY and entry.batcher is not None and not _service(request).registry.draining
-    return Response(status_code=200 if ok else 400)
-
-
-# Each call is served with and without `/versions/{version}`: one function, two paths.
-@router.get("/v2/models/{model}", summary="Model metadata")
-@router.get("/v2/models/{model}/versions/{version}", summary="Model metadata (one version)")
-async def get_model(model: str, request: Request, version: str | None = None) -> Response:
-    return await _metadata(request, model, version)
-
-
-@router.get("/v2/models/{model}/ready", summary="Model readiness: 200 ready, 400 not")
-@router.get("/v2/models/{model}/versions/{version}/ready", summary="Model readiness (one version)")
-async def model_ready(model: str, request: Request, version: str | None = None) -> Response:
-    return await _ready(request, model, version)
-
-
-@router.post("/v2/models/{model}/infer", summary="Inference (JSON tensors)")
-@router.post("/v2/models/{model}/versions/{version}/infer", summary="Inference (one version)")
-async def infer(model: str, request: Request, version: str | None = None) -> Response:
-    return await _infer(request, model, version)
-
-
-# ------------------------------------------------------------------------------------ inference
+# ------------------------------------------------------------------------------------ inference request
 def _flatten(data: Any) -> list[Any]:
     if isinstance(data, list):
         out: list[Any] = []
@@ -187,7 +98,7 @@ def _flatten(data: Any) -> list[Any]:
     return [data]
 
 
-def _parse_inputs(entry: ModelEntry, body: dict[str, Any], max_items: int) -> list[TaskInput]:
+def _parse_inputs(entry: ModelEntry, body: dict[str, Any], max_items: int) -> list[Item]:
     assert entry.manifest is not None
     mods = entry.manifest.modality_names
     inputs = body.get("inputs")
@@ -231,22 +142,22 @@ def _parse_inputs(entry: ModelEntry, body: dict[str, Any], max_items: int) -> li
     if batch > max_items:
         raise V2Error(400, f"at most {max_items} rows per request (MAX_BATCH_ITEMS), got {batch}")
     items = []
+    n_labels = len(entry.manifest.labels)  # /v1 bodies are not returned: keep every label
     for i in range(batch):
         text = columns["TEXT"][i] if "TEXT" in columns else None
         media: dict[str, bytes | None] = {}
         for key in ("IMAGE", "AUDIO"):
             value = columns[key][i] if key in columns else None
             try:
-                media[key] = _b64(value, key) if value else None
-            except ApiError as err:
+                media[key] = decode_b64(value, key) if value else None
+            except ServingError as err:
                 raise V2Error(400, f"row {i}: {err.message}") from None
-        items.append(TaskInput(text, media["IMAGE"], media["AUDIO"]))
+        items.append(Item(text, media["IMAGE"], media["AUDIO"], n_labels))
     return items
 
 
-def _requested_outputs(entry: ModelEntry, body: dict[str, Any]) -> list[tuple[str, int | None]]:
+def _requested_outputs(names: tuple[str, ...], entry: ModelEntry, body: dict[str, Any]) -> list[tuple[str, int | None]]:
     """[(name, classification K or None)]; all outputs when the request names none."""
-    names = _output_names(entry)
     req = body.get("outputs")
     if req is None:
         return [(n, None) for n in names]
@@ -256,7 +167,7 @@ def _requested_outputs(entry: ModelEntry, body: dict[str, Any]) -> list[tuple[st
     for o in req:
         if not isinstance(o, dict) or o.get("name") not in names:
             got = o.get("name") if isinstance(o, dict) else o
-            raise V2Error(400, f"unknown output {got!r} for model '{entry.name}'; its outputs are {names}")
+            raise V2Error(400, f"unknown output {got!r} for model '{entry.name}'; its outputs are {list(names)}")
         k = (o.get("parameters") or {}).get("classification")
         if k is not None:
             if o["name"] != "SCORES":
@@ -276,80 +187,117 @@ def _timeout_ms(params: dict[str, Any]) -> int | None:
     return max(1, int(t // 1000))
 
 
-async def _infer(request: Request, model: str, version: str | None) -> Response:
-    svc = _service(request)
-    started, t_mono = time.perf_counter(), time.monotonic()
-    svc.enter(INFER_ENDPOINT)
-    model_label, status, rid = "", 500, None
+async def _json_body(request: Request) -> dict[str, Any]:
+    if request.headers.get("inference-header-content-length") is not None:
+        raise V2Error(400, "binary tensor extension not supported: send a JSON-only body without "
+                           "Inference-Header-Content-Length")
+    if request.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
+        raise V2Error(400, f"Content-Encoding '{request.headers['content-encoding']}' not supported")
     try:
-        if request.headers.get("inference-header-content-length") is not None:
-            raise V2Error(400, "binary tensor extension not supported: send a JSON-only body without "
-                               "Inference-Header-Content-Length")
-        if request.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
-            raise V2Error(400, f"Content-Encoding '{request.headers['content-encoding']}' not supported")
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise V2Error(400, f"body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise V2Error(400, "body must be a JSON object")
+    return body
+
+
+# ------------------------------------------------------------------------------------ routes
+def build_router(service: Service, *, backend: str, max_batch_items: int) -> APIRouter:
+    """The /v2 routes over `service`; `backend` names the platform of a model that has no runtime."""
+    router = APIRouter(tags=["open inference protocol (v2)"])
+    registry = service.registry
+
+    def lookup(model: str, version: str | None) -> ModelEntry:
+        entry = registry.entries.get(model)
+        if entry is None:
+            raise V2Error(404, f"unknown model '{model}'; available: {sorted(registry.entries)}")
+        if version is not None and version != str(entry.version):
+            raise V2Error(400, f"model '{model}' version '{version}' is not served; the loaded version is "
+                               f"'{entry.version}'")
+        return entry
+
+    def platform(entry: ModelEntry) -> str:
+        name = entry.runtime.backend if entry.runtime is not None else backend
+        return PLATFORMS.get(name, name)
+
+    @router.get("/v2", summary="Server metadata")
+    async def server_metadata() -> dict[str, Any]:
+        from app import __version__
+
+        return {"name": "mmserve", "version": __version__, "extensions": EXTENSIONS}
+
+    @router.get("/v2/health/live", summary="Server liveness (200, empty body)")
+    async def server_live() -> Response:
+        return Response(status_code=200)
+
+    @router.get("/v2/health/ready", summary="Server readiness: 200 ready, 400 not ready (same rule as /readyz)")
+    async def server_ready() -> Response:
+        ok, _ = registry.readiness()
+        return Response(status_code=200 if ok else 400)
+
+    # Each call is served with and without `/versions/{version}`: one function, two paths.
+    @router.get("/v2/models/{model}", summary="Model metadata")
+    @router.get("/v2/models/{model}/versions/{version}", summary="Model metadata (one version)")
+    async def get_model(model: str, version: str | None = None) -> Response:
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise V2Error(400, f"body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise V2Error(400, "body must be a JSON object")
-        rid = body.get("id")
-        entry = _entry(request, model, version)
-        model_label = entry.name
+            entry = lookup(model, version)
+            return JSONResponse(model_metadata(entry, platform(entry)))
+        except V2Error as err:
+            return err.response()
+
+    @router.get("/v2/models/{model}/ready", summary="Model readiness: 200 ready, 400 not")
+    @router.get("/v2/models/{model}/versions/{version}/ready", summary="Model readiness (one version)")
+    async def model_ready(model: str, version: str | None = None) -> Response:
         try:
-            svc.registry.choose(entry.task or "", entry.name)  # ready? (same checks and metrics as /v1)
-        except ApiError as err:
-            raise _from_api(err) from None
-        params = body.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise V2Error(400, "'parameters' must be an object")
-        outputs = _requested_outputs(entry, body)
-        items = _parse_inputs(entry, body, svc.settings.max_batch_items)
-        deadline = svc.deadline(t_mono, _timeout_ms(params))
-        n_labels = len(entry.manifest.labels)
-        task = entry.task
-        outs = await svc.run_items(request, task, entry, items, n_labels, deadline)
-        for i, oc in enumerate(outs):
-            if oc.error is not None:
-                err = _from_api(oc.error)
-                err.message = f"row {i}: {err.message}" if len(outs) > 1 else err.message
-                raise err
-        response: dict[str, Any] = {"model_name": entry.name, "model_version": str(entry.version)}
-        if rid is not None:
-            response["id"] = rid
-        response["outputs"] = [_output(entry, name, k, outs) for name, k in outputs]
-        status = 200
-        return JSONResponse(response)
-    except V2Error as err:
-        status = err.status
-        body_err = err.response()
-        if rid is not None:
-            body_err = JSONResponse({"error": err.message, "id": rid}, status_code=err.status, headers=err.headers)
-        return body_err
-    finally:
-        svc.leave(INFER_ENDPOINT, model_label, status, started)
+            entry = lookup(model, version)
+        except V2Error as err:
+            return err.response()
+        return Response(status_code=200 if registry.is_ready(entry) else 400)
+
+    @router.post("/v2/models/{model}/infer", summary="Inference (JSON tensors)")
+    @router.post("/v2/models/{model}/versions/{version}/infer", summary="Inference (one version)")
+    async def infer(model: str, request: Request, version: str | None = None) -> Response:
+        rid = None
+        with service.call(INFER_ENDPOINT) as call:
+            try:
+                body = await _json_body(request)
+                rid = body.get("id")
+                entry = lookup(model, version)
+                call.model = entry.name
+                try:
+                    registry.choose(entry.task or "", entry.name)  # ready? (same checks and metrics as /v1)
+                except ServingError as err:
+                    raise _from_core(err) from None
+                task = get_task(entry.task)
+                params = body.get("parameters") or {}
+                if not isinstance(params, dict):
+                    raise V2Error(400, "'parameters' must be an object")
+                outputs = _requested_outputs(task.v2_outputs, entry, body)
+                items = _parse_inputs(entry, body, max_batch_items)
+                outs = await service.run_items(request.scope.get("state", {}).get("request_id", "-"),
+                                               lambda: wait_disconnect(request), task, entry, items,
+                                               service.deadline(call, _timeout_ms(params)))
+                for i, oc in enumerate(outs):
+                    if oc.error is not None:
+                        err = _from_core(oc.error)
+                        err.message = f"row {i}: {err.message}" if len(outs) > 1 else err.message
+                        raise err
+                response: dict[str, Any] = {"model_name": entry.name, "model_version": str(entry.version)}
+                if rid is not None:
+                    response["id"] = rid
+                logits = [oc.result.output for oc in outs]
+                bodies = [oc.body for oc in outs]
+                response["outputs"] = [task.v2_output(name, k, entry.manifest, logits, bodies) for name, k in outputs]
+                call.status = 200
+                return JSONResponse(response)
+            except V2Error as err:
+                call.status = err.status
+                if rid is not None:
+                    return JSONResponse({"error": err.message, "id": rid}, status_code=err.status, headers=err.headers)
+                return err.response()
+
+    return router
 
 
-def _output(entry: ModelEntry, name: str, k: int | None, outs: list) -> dict[str, Any]:
-    from models import postprocess as pp
-
-    m = entry.manifest
-    assert m is not None
-    b = len(outs)
-    if name == "ENTITIES":
-        return {"name": name, "datatype": "BYTES", "shape": [b, 1],
-                "data": [json.dumps(oc.body["entities"], ensure_ascii=False) for oc in outs]}
-    scores = np.stack([pp.scores_for(np.asarray(oc.result.output), multi_label=m.multi_label) for oc in outs])
-    scores = scores.astype(np.float32)
-    if k is None:
-        return {"name": name, "datatype": "FP32", "shape": [b, len(m.labels)],
-                "data": [float(x) for x in scores.reshape(-1)]}
-    k = min(k, len(m.labels))
-    data = []
-    for row in scores:
-        order = np.argsort(-row, kind="stable")[:k]  # equal scores keep label order, as /v1
-        data.extend(f"{float(row[j]):f}:{int(j)}:{m.labels[int(j)]}" for j in order)
-    return {"name": name, "datatype": "BYTES", "shape": [b, k], "data": data}
-
-
-__all__ = ["router", "model_metadata"]
+__all__ = ["build_router", "model_metadata"]

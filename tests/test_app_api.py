@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -138,7 +139,14 @@ def test_model_selection(client, app_repository, tmp_path):
         r = c2.post("/v1/classify", json={"text": "x", "model": "other-classify"})
         scores = [p["score"] for p in r.json()["predictions"]]
         assert r.status_code == 200 and len(scores) == 2  # multi-label: independent sigmoids
-        assert abs(sum(scores) - 1.0) > 1e-6 or True
+        from app.core.items import Item
+        from app.core.preprocess import prepare
+        from app.tasks import get_task
+
+        entry = c2.app.state.service.registry.entries["other-classify"]
+        logits = entry.infer([prepare(entry, get_task("classify"), Item("x"))])[0]
+        sigmoids = sorted((1.0 / (1.0 + np.exp(-logits))).tolist(), reverse=True)
+        assert scores == pytest.approx(sigmoids, rel=1e-5)  # one sigmoid per label, not a softmax over them
 
 
 def test_models_listing(client):
@@ -260,12 +268,12 @@ def test_api_keys(app_repository):
 
 
 def test_internal_errors_leak_nothing(client, monkeypatch):
-    import app.service as service
+    import app.core.preprocess as preprocess
 
     def boom(*a, **k):
         raise RuntimeError("secret internals /etc/passwd")
 
-    monkeypatch.setattr(service, "check_input", boom)
+    monkeypatch.setattr(preprocess, "check_input", boom)
     r = client.post("/v1/classify", json={"text": "x"}, headers={"X-Request-ID": "abc-123"})
     assert r.status_code == 500
     assert "secret" not in r.text and "Traceback" not in r.text
@@ -273,16 +281,16 @@ def test_internal_errors_leak_nothing(client, monkeypatch):
 
 
 def test_an_internal_error_in_one_batch_item_fails_only_that_item(client, monkeypatch):
-    import app.service as service
+    import app.core.preprocess as preprocess
 
-    real = service.check_input
+    real = preprocess.check_input
 
     def boom_on_one(entry, task, inp):
         if inp.text == "boom":
             raise RuntimeError("secret internals")
         return real(entry, task, inp)
 
-    monkeypatch.setattr(service, "check_input", boom_on_one)
+    monkeypatch.setattr(preprocess, "check_input", boom_on_one)
     r = client.post("/v1/classify/batch", json={"inputs": [{"text": "fine"}, {"text": "boom"}]},
                     headers={"X-Request-ID": "rid-b"})
     assert r.status_code == 200
@@ -357,16 +365,16 @@ def test_queue_full_gives_503_with_retry_after(app_repository):
 
 
 def test_readiness_before_and_after_warmup(app_repository, monkeypatch):
-    from app.registry import Registry
+    from app.core.loading import ModelLoader
 
     gate = threading.Event()
-    original = Registry._warm_up
+    original = ModelLoader.warm_up
 
     def gated(self, entry):
         gate.wait(20)
         return original(self, entry)
 
-    monkeypatch.setattr(Registry, "_warm_up", gated)
+    monkeypatch.setattr(ModelLoader, "warm_up", gated)
     with make_client(app_repository) as c:
         assert c.get("/healthz").status_code == 200  # alive at once
         r = c.get("/readyz")
@@ -459,6 +467,6 @@ def test_app_never_imports_torch_or_training():
     import sys
 
     code = ("import sys; from app.main import create_app; from app.settings import Settings; "
-            "create_app(Settings()); import app.api, app.registry, app.runtime, app.batcher, app.tasks; "
+            "create_app(Settings()); import app.rest, app.v2, app.core.registry, app.runtime, app.core.batcher, app.tasks; "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith('training')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from app.batcher import Batcher, ItemResult
-from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
+from app.core.batcher import Batcher, ItemResult
+from app.core.calibration import calibration_sizes, choose_batch_size, measure_batch_sizes
+from app.core.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
 from app.metrics import Metrics
-from app.registry import calibration_sizes, choose_batch_size, measure_batch_sizes
 
 
 class FakeModel:
@@ -170,7 +170,7 @@ def test_queue_full_raises_with_retry_after():
         return info.value, metrics
 
     err, metrics = asyncio.run(main())
-    assert err.status == 503 and int(err.headers["Retry-After"]) >= 1
+    assert err.code == "overloaded" and err.retry_after >= 1
     assert metrics.rejections.labels("m", "queue_full")._value.get() == 1
 
 

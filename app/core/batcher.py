@@ -13,11 +13,12 @@ Policy (explicit, in the spirit of TEI's continuous batching with Triton's max-q
   cancelled: deadline hit or client disconnected) are dropped, and items past their deadline fail with
   504 without being run.
 * If a batch inference raises, its items are retried one by one so only the culprit fails.
-* The queue is bounded (`queue_size`): `submit` raises `QueueFull` (503 + Retry-After) beyond it.
+* The queue is bounded (`queue_size`): `submit` raises `QueueFull` (with a retry-after hint) beyond it.
 * Every result goes back to its own caller through its own future.
 
 `infer(payloads) -> outputs` is any synchronous function returning one output per payload, in order
-(collation, padding to the longest sequence and the runtime call live there).
+(collation, padding to the longest sequence and the runtime call live there). The served models'
+payload is `Prepared` (one preprocessed item).
 """
 from __future__ import annotations
 
@@ -30,10 +31,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from app.core.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
 from app.logging import request_id_var
-from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
 
 log = logging.getLogger("mmserve.batcher")
+
+
+@dataclass
+class Prepared:
+    """One preprocessed item: the batcher's payload for a served model."""
+
+    features: Any  # models.preprocessing.Features
+    length: int | None  # real token count (per-token outputs keep this many rows)
+    meta: dict[str, Any] = field(default_factory=dict)  # what the task's postprocessing needs (NER: the words)
 
 
 @dataclass(eq=False)

@@ -1,5 +1,6 @@
-"""Request execution shared by the task endpoints: pick model, preprocess off-loop, queue, wait with
-deadline and disconnect detection, postprocess, metrics."""
+"""Request execution shared by every protocol front-end: preprocess off-loop, queue, wait with deadline
+and disconnect detection, postprocess, metrics. Knows no HTTP: it takes plain values and raises or
+returns the core's errors (`app/core/errors.py`)."""
 from __future__ import annotations
 
 import asyncio
@@ -7,46 +8,55 @@ import contextvars
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Iterator
 
-from starlette.requests import Request
-
-from app.batcher import ItemResult
-from app.errors import ApiError, DeadlineExceeded
+from app.core import preprocess
+from app.core.batcher import ItemResult, Prepared
+from app.core.errors import ClientGone, DeadlineExceeded, InternalError, ServingError
+from app.core.items import Item
+from app.core.loading import ModelEntry
+from app.core.registry import Registry
 from app.metrics import Metrics
-from app.registry import ModelEntry, Prepared, Registry
-from app.settings import Settings
-from app.tasks import TaskInput, check_input, effective_top_k, postprocess, preprocess
+from app.tasks import Task
 
 log = logging.getLogger("mmserve.service")
 
 
-class ClientGone(ApiError):
-    def __init__(self) -> None:
-        super().__init__(499, "client_disconnected", "client closed the connection before the answer")
-
-
 @dataclass
 class ItemOutcome:
-    body: dict[str, Any] | None = None
+    body: dict[str, Any] | None = None  # the /v1 response body of this item (model, version, task fields)
     prepared: Prepared | None = None
-    error: ApiError | None = None
+    error: ServingError | None = None
     result: ItemResult | None = None
     preprocess_s: float = 0.0
 
 
+@dataclass
+class Call:
+    """One request being answered (`Service.call`): the handler fills in the model and the status."""
+
+    endpoint: str
+    started: float = field(default_factory=time.perf_counter)
+    started_mono: float = field(default_factory=time.monotonic)
+    model: str = ""
+    status: int = 500
+
+
 class Service:
-    def __init__(self, settings: Settings, metrics: Metrics, registry: Registry):
-        self.settings = settings
-        self.metrics = metrics
+    def __init__(self, registry: Registry, metrics: Metrics, *, preprocess_workers: int = 4,
+                 request_timeout_s: float = 30.0):
         self.registry = registry
+        self.metrics = metrics
+        self.preprocess_workers = preprocess_workers
+        self.request_timeout_s = request_timeout_s
         self.pool: ThreadPoolExecutor | None = None
         self.inflight = 0
         self._idle = asyncio.Event()
 
     def start(self) -> None:
-        self.pool = ThreadPoolExecutor(self.settings.preprocess_workers, thread_name_prefix="preprocess")
+        self.pool = ThreadPoolExecutor(self.preprocess_workers, thread_name_prefix="preprocess")
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -61,45 +71,59 @@ class Service:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def deadline(self, started: float, timeout_ms: int | None) -> float:
-        seconds = self.settings.request_timeout_s
+    def deadline(self, call: Call, timeout_ms: int | None) -> float:
+        seconds = self.request_timeout_s
         if timeout_ms is not None:
             seconds = min(seconds, timeout_ms / 1000.0)
-        return started + seconds
+        return call.started_mono + seconds
 
-    async def _preprocess(self, entry: ModelEntry, task: str, inp: TaskInput) -> tuple[Prepared, float]:
+    # -- accounting ----------------------------------------------------------------------------
+    @contextmanager
+    def call(self, endpoint: str) -> Iterator[Call]:
+        """In-flight gauge, idle tracking for shutdown, and the request counter and latency on the way out."""
+        call = Call(endpoint)
+        self.inflight += 1
+        self._idle.clear()
+        self.metrics.inflight.labels(endpoint).inc()
+        try:
+            yield call
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+            self.metrics.inflight.labels(endpoint).dec()
+            self.metrics.requests.labels(endpoint, call.model, str(call.status)).inc()
+            self.metrics.request_duration.labels(endpoint, call.model).observe(time.perf_counter() - call.started)
+
+    # -- execution -----------------------------------------------------------------------------
+    async def _prepare(self, entry: ModelEntry, task: Task, item: Item) -> tuple[Prepared, float]:
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()  # request id in preprocessing log lines
         t0 = time.perf_counter()
-        prepared = await loop.run_in_executor(self.pool, ctx.run, preprocess, entry, task, inp, self.metrics)
+        prepared = await loop.run_in_executor(self.pool, ctx.run, preprocess.prepare, entry, task, item,
+                                              self.metrics)
         return prepared, time.perf_counter() - t0
 
-    async def run_items(self, request: Request, task: str, entry: ModelEntry, items: list[TaskInput],
-                        default_top_k: int | None, deadline: float,
-                        pre_errors: dict[int, ApiError] | None = None) -> list[ItemOutcome]:
-        """Run items independently (each may fail alone); waits for all, or the client going away."""
-        pre_errors = pre_errors or {}
+    async def run_items(self, request_id: str, disconnected: Callable[[], Awaitable[Any]], task: Task,
+                        entry: ModelEntry, items: list[Item], deadline: float) -> list[ItemOutcome]:
+        """Run items independently (each may fail alone); waits for all, or for `disconnected()` to return
+        (the client has gone)."""
         outcomes = [ItemOutcome() for _ in items]
-        rid = request.scope.get("state", {}).get("request_id", "-")
 
-        async def prepare(i: int, inp: TaskInput) -> None:
-            if i in pre_errors:
-                outcomes[i].error = pre_errors[i]
-                return
+        async def prepare(i: int, item: Item) -> None:
             try:
-                check_input(entry, task, inp)
-                outcomes[i].prepared, outcomes[i].preprocess_s = await self._preprocess(entry, task, inp)
-            except ApiError as err:
+                preprocess.check_input(entry, task, item)
+                outcomes[i].prepared, outcomes[i].preprocess_s = await self._prepare(entry, task, item)
+            except ServingError as err:
                 outcomes[i].error = err
             except Exception:  # noqa: BLE001 - one item's bug must not fail the other items of a batch request
                 log.exception("preprocessing failed")
-                outcomes[i].error = ApiError(500, "internal_error", "internal error while preprocessing",
-                                             request_id=rid)
+                outcomes[i].error = InternalError("internal error while preprocessing", request_id=request_id)
 
-        await asyncio.gather(*(prepare(i, inp) for i, inp in enumerate(items)))
+        await asyncio.gather(*(prepare(i, item) for i, item in enumerate(items)))
         futures: dict[int, asyncio.Future] = {}
         if time.monotonic() >= deadline:  # spent in preprocessing
-            for i, oc in enumerate(outcomes):
+            for oc in outcomes:
                 if oc.error is None:
                     oc.error = DeadlineExceeded("request deadline exceeded during preprocessing")
                     self.metrics.rejections.labels(entry.name, "timeout").inc()
@@ -109,26 +133,27 @@ class Service:
             if oc.error is not None:
                 continue
             try:
-                futures[i] = entry.batcher.submit(oc.prepared, deadline, rid)
-            except ApiError as err:
+                futures[i] = entry.batcher.submit(oc.prepared, deadline, request_id)
+            except ServingError as err:
                 oc.error = err
         if futures:
-            await self._wait(request, entry, futures, outcomes, deadline)
+            await self._wait(disconnected, entry, futures, outcomes, deadline)
+        manifest = entry.manifest
         for i, oc in enumerate(outcomes):
             if oc.error is not None or oc.result is None:
                 continue
-            inp = items[i]
             try:
-                oc.body = postprocess(entry, task, oc.prepared, oc.result.output, inp.text,
-                                      effective_top_k(entry, inp.top_k or default_top_k))
+                body = task.postprocess(manifest, oc.prepared.meta, oc.prepared.features, oc.result.output,
+                                        items[i].text, items[i].top_k)
+                oc.body = {"model": entry.name, "version": entry.version, **body}
             except Exception:  # noqa: BLE001
                 log.exception("postprocessing failed")
-                oc.error = ApiError(500, "internal_error", "postprocessing failed", request_id=rid)
+                oc.error = InternalError("postprocessing failed", request_id=request_id)
         return outcomes
 
-    async def _wait(self, request: Request, entry: ModelEntry, futures: dict[int, asyncio.Future],
-                    outcomes: list[ItemOutcome], deadline: float) -> None:
-        watcher = asyncio.ensure_future(_disconnected(request))
+    async def _wait(self, disconnected: Callable[[], Awaitable[Any]], entry: ModelEntry,
+                    futures: dict[int, asyncio.Future], outcomes: list[ItemOutcome], deadline: float) -> None:
+        watcher = asyncio.ensure_future(disconnected())
         try:
             pending = set(futures.values())
             while pending:
@@ -159,28 +184,6 @@ class Service:
                 oc.error = DeadlineExceeded()
             elif f.exception() is not None:
                 exc = f.exception()
-                oc.error = exc if isinstance(exc, ApiError) else ApiError(500, "internal_error", "inference failed")
+                oc.error = exc if isinstance(exc, ServingError) else InternalError("inference failed")
             else:
                 oc.result = f.result()
-
-    # -- accounting --------------------------------------------------------------------------
-    def enter(self, endpoint: str) -> None:
-        self.inflight += 1
-        self._idle.clear()
-        self.metrics.inflight.labels(endpoint).inc()
-
-    def leave(self, endpoint: str, model: str, status: int, started: float) -> None:
-        self.inflight -= 1
-        if self.inflight == 0:
-            self._idle.set()
-        self.metrics.inflight.labels(endpoint).dec()
-        self.metrics.requests.labels(endpoint, model, str(status)).inc()
-        self.metrics.request_duration.labels(endpoint, model).observe(time.perf_counter() - started)
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client disconnects (the body has been read, so the next message is the disconnect)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return

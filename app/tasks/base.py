@@ -1,30 +1,20 @@
-"""Task layer: request bodies -> validated inputs -> Features (thread pool) -> per-task results.
+"""What every task shares: the request and response models by text field, and the `Task` object whose
+subclasses (one module per task in this package) hold everything that differs between tasks.
 
-Multipart (`text` / `question`, `image`, `audio` files, `model`, `top_k`, `timeout_ms`) and JSON
-(same fields, media as base64 strings, data: URLs accepted) parse into the same `TaskInput`.
+A task says: its text field (`text` or `question`), its request and response models, how its text is
+encoded, which output row an item keeps, its postprocessing, extra input checks, and its Open
+Inference Protocol (v2) outputs. Protocol front-ends and the core only call these hooks; none of
+them branches on the task name.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-import time
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.datastructures import UploadFile
-from starlette.requests import Request
-
-from app.errors import ApiError, invalid
-from app.metrics import Metrics
-from app.registry import ModelEntry, Prepared
-
-TASKS = ("classify", "ner", "vqa")
-TEXT_FIELD = {"classify": "text", "ner": "text", "vqa": "question"}
-DEFAULT_TOP_K = 5
+from app.core.items import Item
 
 
 # ------------------------------------------------------------------------------ request models
@@ -68,47 +58,7 @@ class QuestionBatchRequest(_Options):
     inputs: list[QuestionItem] = Field(..., min_length=1)
 
 
-SINGLE_MODEL = {"classify": TextRequest, "ner": TextRequest, "vqa": QuestionRequest}
-BATCH_MODEL = {"classify": TextBatchRequest, "ner": TextBatchRequest, "vqa": QuestionBatchRequest}
-
-
 # ------------------------------------------------------------------------------ response models
-class LabelScore(BaseModel):
-    label: str
-    score: float
-
-
-class AnswerScore(BaseModel):
-    answer: str
-    score: float
-
-
-class Entity(BaseModel):
-    text: str
-    type: str
-    start: int = Field(description="character offset of the first character in the submitted text")
-    end: int = Field(description="character offset one past the last character")
-    score: float
-
-
-class ClassifyResponse(BaseModel):
-    model: str
-    version: int
-    predictions: list[LabelScore]
-
-
-class NerResponse(BaseModel):
-    model: str
-    version: int
-    entities: list[Entity]
-
-
-class VqaResponse(BaseModel):
-    model: str
-    version: int
-    answers: list[AnswerScore]
-
-
 class BatchItemResult(BaseModel):
     model_config = ConfigDict(extra="allow")
     index: int
@@ -122,220 +72,99 @@ class BatchResponse(BaseModel):
     results: list[BatchItemResult]
 
 
-RESPONSE_MODEL = {"classify": ClassifyResponse, "ner": NerResponse, "vqa": VqaResponse}
+# ------------------------------------------------------------------------------ the task object
+class Task:
+    """One task. Subclasses set the class attributes and override the hooks that differ."""
+
+    name: ClassVar[str]
+    text_field: ClassVar[str] = "text"
+    text_description: ClassVar[str] = "input text"  # the multipart form field, in OpenAPI
+    v2_text_content: ClassVar[str] = "UTF-8 text"  # the v2 TEXT input, in model metadata
+    request_model: ClassVar[type[BaseModel]] = TextRequest
+    batch_request_model: ClassVar[type[BaseModel]] = TextBatchRequest
+    response_model: ClassVar[type[BaseModel]]
+    description: ClassVar[str]  # OpenAPI description of the /v1 endpoint
+    example_text: ClassVar[str]
+    required_media: ClassVar[tuple[str, ...]] = ()  # media the task itself needs, whatever the model says
+    v2_outputs: ClassVar[tuple[str, ...]] = ("SCORES",)
+
+    # -- requests ------------------------------------------------------------------------------
+    def field_name(self, modality: str) -> str:
+        """What the user calls a modality in this task's requests."""
+        return self.text_field if modality == "text" else modality
+
+    def check(self, modalities: list[str], item: Item) -> None:
+        """Task-specific input checks, after the model's own (raise InvalidInput)."""
+
+    def examples(self, png: str, wav: str) -> dict[str, Any]:
+        """OpenAPI request examples (media as base64)."""
+        tf, text = self.text_field, self.example_text
+        return {"text": {"summary": "text only", "value": {tf: text, "top_k": 3}},
+                "text_image_audio": {"summary": "text + image + audio (base64)",
+                                     "value": {tf: text, "image": png, "audio": wav, "top_k": 3}}}
+
+    # -- model input and output ----------------------------------------------------------------
+    def encode_text(self, pre: Any, text: str) -> tuple[Any, dict[str, Any]]:
+        """(Features with input_ids / attention_mask, meta kept for postprocessing)."""
+        return pre.encode_text(text), {}
+
+    def output_row(self, logits: np.ndarray, index: int, length: int | None) -> np.ndarray:
+        """The part of a batch's logits that belongs to item `index` (`length`: its real token count)."""
+        return logits[index]
+
+    def postprocess(self, manifest: Any, meta: dict[str, Any], features: Any, logits: Any, text: str | None,
+                    top_k: int) -> dict[str, Any]:
+        """The /v1 response body of one item, without model and version."""
+        raise NotImplementedError
+
+    # -- Open Inference Protocol (v2) ----------------------------------------------------------
+    def v2_output_metadata(self, manifest: Any) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def v2_output(self, name: str, k: int | None, manifest: Any, logits: list[Any],
+                  bodies: list[dict[str, Any]]) -> dict[str, Any]:
+        """One requested output tensor over the rows (`logits` and /v1 `bodies` per row)."""
+        raise NotImplementedError
 
 
-# ------------------------------------------------------------------------------ parsing
-@dataclass
-class TaskInput:
-    text: str | None = None
-    image: bytes | None = None
-    audio: bytes | None = None
-    top_k: int | None = None
+class ScoresTask(Task):
+    """A task that answers with scores over the manifest's labels (classification, VQA)."""
+
+    result_field: ClassVar[str]  # "predictions" | "answers"
+    label_key: ClassVar[str]  # "label" | "answer"
+
+    def postprocess(self, manifest: Any, meta: dict[str, Any], features: Any, logits: Any, text: str | None,
+                    top_k: int) -> dict[str, Any]:
+        from models import postprocess as pp
+
+        scores = pp.scores_for(logits, multi_label=manifest.multi_label)
+        best = pp.top_k(scores, manifest.labels, min(top_k, len(manifest.labels)))
+        return {self.result_field: [{self.label_key: b["label"], "score": b["score"]} for b in best]}
+
+    def v2_output_metadata(self, manifest: Any) -> list[dict[str, Any]]:
+        return [{"name": "SCORES", "datatype": "FP32", "shape": [-1, len(manifest.labels)],
+                 "parameters": {"content": "sigmoid scores" if manifest.multi_label else "softmax scores",
+                                "labels": list(manifest.labels), "classification": True}}]
+
+    def v2_output(self, name: str, k: int | None, manifest: Any, logits: list[Any],
+                  bodies: list[dict[str, Any]]) -> dict[str, Any]:
+        from models import postprocess as pp
+
+        labels = manifest.labels
+        scores = np.stack([pp.scores_for(np.asarray(row), multi_label=manifest.multi_label) for row in logits])
+        scores = scores.astype(np.float32)
+        if k is None:
+            return {"name": name, "datatype": "FP32", "shape": [len(logits), len(labels)],
+                    "data": [float(x) for x in scores.reshape(-1)]}
+        k = min(k, len(labels))
+        data = []
+        for row in scores:
+            order = np.argsort(-row, kind="stable")[:k]  # equal scores keep label order, as /v1
+            data.extend(f"{float(row[j]):f}:{int(j)}:{labels[int(j)]}" for j in order)
+        return {"name": name, "datatype": "BYTES", "shape": [len(logits), k], "data": data}
 
 
-@dataclass
-class Parsed:
-    items: list[TaskInput]
-    model: str | None = None
-    timeout_ms: int | None = None
-    top_k: int | None = None
-    errors: dict[int, ApiError] = field(default_factory=dict)  # per-item parse errors (batch form)
-
-
-def _b64(value: str | None, name: str) -> bytes | None:
-    if value is None:
-        return None
-    if value.startswith("data:"):
-        value = value.partition(",")[2]
-    try:
-        data = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise invalid(f"'{name}' is not valid base64") from None
-    if not data:
-        raise invalid(f"'{name}' is empty")
-    return data
-
-
-def _validation_details(exc: ValidationError) -> list[dict[str, Any]]:
-    return [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-
-
-async def parse(request: Request, task: str, *, batch: bool, max_upload: int, max_items: int) -> Parsed:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    text_field = TEXT_FIELD[task]
-    if ctype == "application/json" or ctype.endswith("+json"):
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
-        model_cls = BATCH_MODEL[task] if batch else SINGLE_MODEL[task]
-        try:
-            req = model_cls.model_validate(body)
-        except ValidationError as exc:
-            raise invalid("invalid request body", details=_validation_details(exc)) from None
-        if batch:
-            if len(req.inputs) > max_items:
-                raise invalid(f"at most {max_items} inputs per batch request (MAX_BATCH_ITEMS), got {len(req.inputs)}")
-            parsed = Parsed([], req.model, req.timeout_ms, req.top_k)
-            for i, item in enumerate(req.inputs):
-                try:
-                    parsed.items.append(TaskInput(getattr(item, text_field), _b64(item.image, "image"),
-                                                  _b64(item.audio, "audio"), item.top_k))
-                except ApiError as err:
-                    parsed.items.append(TaskInput())
-                    parsed.errors[i] = err
-            return parsed
-        return Parsed([TaskInput(getattr(req, text_field), _b64(req.image, "image"), _b64(req.audio, "audio"),
-                                 req.top_k)], req.model, req.timeout_ms, req.top_k)
-    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded") and not batch:
-        return await _parse_form(request, task, max_upload)
-    allowed = "application/json" if batch else "multipart/form-data or application/json"
-    raise ApiError(415, "unsupported_content_type", f"Content-Type must be {allowed}, got '{ctype or 'none'}'")
-
-
-async def _parse_form(request: Request, task: str, max_upload: int) -> Parsed:
-    text_field = TEXT_FIELD[task]
-    allowed = {text_field, "image", "audio", "model", "top_k", "timeout_ms"}
-    from starlette.exceptions import HTTPException
-
-    try:
-        form = await request.form(max_files=4, max_fields=16, max_part_size=max_upload)
-    except HTTPException as exc:  # malformed multipart
-        raise ApiError(400, "invalid_multipart", str(exc.detail)) from None
-    try:
-        unknown = sorted(set(form.keys()) - allowed)
-        if unknown:
-            raise invalid(f"unknown form field(s) {unknown}; allowed: {sorted(allowed)}")
-        values: dict[str, Any] = {}
-        for key in allowed:
-            got = form.getlist(key)
-            if len(got) > 1:
-                raise invalid(f"form field '{key}' given {len(got)} times")
-            if got:
-                values[key] = got[0]
-        for key in ("image", "audio"):
-            v = values.get(key)
-            if isinstance(v, UploadFile):
-                data = await v.read()
-                values[key] = data or None
-            elif isinstance(v, str):  # a text field: accept base64, as in JSON
-                values[key] = _b64(v, key) if v else None
-        for key in (text_field, "model"):
-            v = values.get(key)
-            if v is not None and not isinstance(v, str):
-                raise invalid(f"form field '{key}' must be text, not a file")
-        ints: dict[str, int | None] = {}
-        for key, lo in (("top_k", 1), ("timeout_ms", 1)):
-            v = values.get(key)
-            if v in (None, ""):
-                ints[key] = None
-                continue
-            try:
-                ints[key] = int(v)  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                raise invalid(f"form field '{key}' must be an integer") from None
-            if ints[key] < lo:  # type: ignore[operator]
-                raise invalid(f"form field '{key}' must be >= {lo}")
-        top_k = ints["top_k"]
-        if top_k is not None and top_k > 1000:
-            raise invalid("form field 'top_k' must be <= 1000")
-        return Parsed([TaskInput(values.get(text_field), values.get("image"), values.get("audio"), top_k)],
-                      values.get("model") or None, ints["timeout_ms"], top_k)
-    finally:
-        await form.close()
-
-
-# ------------------------------------------------------------------------------ preprocessing
-def check_input(entry: ModelEntry, task: str, inp: TaskInput) -> None:
-    assert entry.manifest is not None
-    mods = entry.manifest.modality_names
-    text_field = TEXT_FIELD[task]
-    given = {"text": inp.text is not None, "image": inp.image is not None, "audio": inp.audio is not None}
-    extra = [m for m, g in given.items() if g and m not in mods]
-    if extra:
-        names = [text_field if m == "text" else m for m in extra]
-        raise invalid(f"model '{entry.name}' does not take {', '.join(names)} (it takes {mods})")
-    if "text" in mods:
-        if inp.text is None:
-            raise invalid(f"'{text_field}' is required by model '{entry.name}'")
-        if not inp.text.strip():
-            raise invalid(f"'{text_field}' must not be empty")
-    for m in entry.manifest.required_modalities:
-        if not given[m]:
-            raise invalid(f"'{text_field if m == 'text' else m}' is required by model '{entry.name}'")
-    if task == "vqa" and "image" in mods and inp.image is None:
-        raise invalid("'image' is required for visual question answering")
-    if not any(given[m] for m in mods):
-        raise invalid(f"model '{entry.name}' needs at least one of {mods}")
-
-
-def preprocess(entry: ModelEntry, task: str, inp: TaskInput, metrics: Metrics) -> Prepared:
-    """Runs in the preprocessing thread pool. Raises ApiError (MediaError mapped to its status)."""
-    from models.media import MediaError
-    from models.preprocessing import Features
-
-    pre = entry.preprocessor
-    meta: dict[str, Any] = {}
-    try:
-        f = Features()
-        if inp.text is not None:
-            t0 = time.perf_counter()
-            if task == "ner":
-                from models.ner import split_words
-
-                words = split_words(inp.text)
-                meta["words"] = words
-                f = pre.encode_words([w.text for w in words])
-            else:
-                f = pre.encode_text(inp.text)
-            metrics.preprocess.labels(entry.name, "text").observe(time.perf_counter() - t0)
-        if inp.image is not None:
-            t0 = time.perf_counter()
-            f.pixel_values = pre.image_from_bytes(inp.image)
-            metrics.preprocess.labels(entry.name, "image").observe(time.perf_counter() - t0)
-        if inp.audio is not None:
-            t0 = time.perf_counter()
-            f.audio_features = pre.audio_from_bytes(inp.audio)
-            metrics.preprocess.labels(entry.name, "audio").observe(time.perf_counter() - t0)
-    except MediaError as exc:
-        raise ApiError(exc.status, exc.code, exc.message) from None
-    length = len(f.input_ids) if f.input_ids is not None else None
-    return Prepared(f, length, meta)
-
-
-# ------------------------------------------------------------------------------ postprocessing
-def postprocess(entry: ModelEntry, task: str, prepared: Prepared, logits: Any, text: str | None,
-                top_k: int) -> dict[str, Any]:
-    from models import postprocess as pp
-
-    m = entry.manifest
-    assert m is not None
-    base = {"model": entry.name, "version": entry.version}
-    if task == "ner":
-        from models import ner
-
-        words = prepared.meta["words"]
-        probs = pp.softmax(logits, axis=-1)
-        tag_ids, scores = ner.first_token_predictions(prepared.features.word_ids, probs, len(words))
-        covered = int(np.argmax(tag_ids < 0)) if (tag_ids < 0).any() else len(tag_ids)  # truncation cuts the tail
-        tags = [m.labels[int(t)] for t in tag_ids[:covered]]
-        ents = ner.entities(words, tags, scores[:covered], text)
-        return {**base, "entities": [_entity(e) for e in ents]}
-    scores = pp.scores_for(logits, multi_label=m.multi_label)
-    best = pp.top_k(scores, m.labels, top_k)
-    if task == "classify":
-        return {**base, "predictions": [{"label": b["label"], "score": b["score"]} for b in best]}
-    return {**base, "answers": [{"answer": b["label"], "score": b["score"]} for b in best]}
-
-
-def _entity(e: dict[str, Any]) -> dict[str, Any]:
-    return {"text": e["text"], "type": e["type"], "start": int(e["start"]), "end": int(e["end"]),
-            "score": float(e["score"])}
-
-
-def effective_top_k(entry: ModelEntry, requested: int | None) -> int:
-    assert entry.manifest is not None
-    n = len(entry.manifest.labels)
-    return max(1, min(requested or DEFAULT_TOP_K, n))
+def json_rows(name: str, values: list[Any]) -> dict[str, Any]:
+    """A v2 BYTES [-1, 1] output whose rows are JSON strings."""
+    return {"name": name, "datatype": "BYTES", "shape": [len(values), 1],
+            "data": [json.dumps(v, ensure_ascii=False) for v in values]}

@@ -1,0 +1,230 @@
+"""Model discovery and loading: scan the repository, verify, load, size the batches, warm up.
+
+One `ModelEntry` per served model. States: pending -> loading -> warming -> ready, or failed (with a
+reason). Failures are returned to the caller (`Registry`), which logs them and never stops the others.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+
+from app.core.batcher import Batcher, Prepared
+from app.core.calibration import choose_batch_size, measure_batch_sizes
+from app.core.items import Item
+from app.core.preprocess import prepare
+from app.runtime import Runtime, create_runtime
+from app.tasks import get_task
+from models.manifest import Manifest, read_manifest, verify_files
+
+log = logging.getLogger("mmserve.registry")
+
+PENDING, LOADING, WARMING, READY, FAILED = "pending", "loading", "warming", "ready", "failed"
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What loading a model needs from the settings (MMSERVE_* names in brackets)."""
+
+    backend: str = "onnx"  # BACKEND
+    device: str = "auto"  # DEVICE
+    intra_op_threads: int = 0  # INTRA_OP_THREADS
+    inter_op_threads: int = 1  # INTER_OP_THREADS
+    allow_spinning: bool = False  # ALLOW_SPINNING
+    max_image_pixels: int | None = None  # MAX_IMAGE_PIXELS
+    max_audio_seconds: float | None = None  # MAX_AUDIO_SECONDS
+    max_batch_size: int | Literal["auto"] = "auto"  # MAX_BATCH_SIZE
+    warmup: bool = True  # WARMUP
+
+
+@dataclass(eq=False)
+class ModelEntry:
+    name: str
+    version: int | None
+    directory: Path | None
+    state: str = PENDING
+    reason: str | None = None
+    manifest: Manifest | None = None
+    runtime: Runtime | None = None
+    preprocessor: Any = None
+    batcher: Batcher | None = None
+    max_batch_size: int = 1
+    batch_size_source: str | None = None  # settings | manifest | auto-calibrated
+    batch_calibration: dict[int, float] | None = None  # batch size -> items/s measured at start-up (auto, CPU)
+    load_seconds: float | None = None
+    warmup_seconds: float | None = None
+    pad_id: int = 0
+
+    @property
+    def task(self) -> str | None:
+        return self.manifest.task if self.manifest else None
+
+    # -- inference (runs in the model's inference thread) ----------------------------------
+    def infer(self, payloads: list[Prepared]) -> list[np.ndarray]:
+        from models.preprocessing import collate
+
+        assert self.manifest is not None and self.runtime is not None
+        feeds = collate([p.features for p in payloads], self.manifest.modality_names, self.manifest.preprocessing,
+                        pad_id=self.pad_id)
+        logits = np.asarray(self.runtime.run(feeds))
+        if logits.shape[0] != len(payloads):
+            raise RuntimeError(f"model returned {logits.shape[0]} rows for a batch of {len(payloads)}")
+        task = get_task(self.manifest.task)
+        return [task.output_row(logits, i, p.length) for i, p in enumerate(payloads)]
+
+
+# ------------------------------------------------------------------------------------ discovery
+def discover(repository: Path, pinned: dict[str, int]) -> dict[str, ModelEntry]:
+    """One entry per model directory (its pinned or latest version, manifest read) and per pinned model
+    that is absent; entries that cannot be served are already FAILED with their reason."""
+    pinned = dict(pinned)
+    entries: dict[str, ModelEntry] = {}
+
+    def failed(entry: ModelEntry, reason: str) -> ModelEntry:
+        entry.state, entry.reason = FAILED, reason
+        return entry
+
+    if repository.is_dir():
+        for model_dir in sorted(repository.iterdir()):
+            if not model_dir.is_dir() or model_dir.name.startswith((".", "_")):
+                continue  # export's temporary directories start with '.'
+            name = model_dir.name
+            versions = sorted(int(v.name) for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit())
+            version = pinned.pop(name, None)
+            entry = entries[name] = ModelEntry(name, version, None)
+            if version is not None and version not in versions:
+                failed(entry, f"pinned version {version} not found (have {versions})")
+            elif version is None and not versions:
+                failed(entry, "no version directory")
+            else:
+                entry.version = version if version is not None else versions[-1]
+                entry.directory = model_dir / str(entry.version)
+                try:  # read now so the task is known while the model loads
+                    entry.manifest = read_manifest(entry.directory)
+                except Exception as exc:  # noqa: BLE001
+                    failed(entry, f"invalid manifest: {type(exc).__name__}: {exc}")
+    else:
+        log.error("model repository %s does not exist", repository)
+    for name, version in pinned.items():  # pinned but absent
+        entries[name] = failed(ModelEntry(name, version, None),
+                               f"pinned in MODEL_VERSIONS but not in repository {repository}")
+    return entries
+
+
+# ------------------------------------------------------------------------------------ loading
+class ModelLoader:
+    """Verifies, loads, sizes and warms one model (in a worker thread). `on_state(entry)` after each state change."""
+
+    def __init__(self, options: LoadOptions, metrics: Any, on_state: Callable[[ModelEntry], None]):
+        self.options = options
+        self.metrics = metrics
+        self.on_state = on_state
+
+    def load(self, entry: ModelEntry) -> None:
+        """Raises on any failure (the runtime, if created, stays on the entry for the caller to close)."""
+        o = self.options
+        assert entry.directory is not None
+        entry.state = LOADING
+        self.on_state(entry)
+        t0 = time.perf_counter()
+        manifest = entry.manifest or read_manifest(entry.directory)
+        if manifest.name != entry.name or manifest.version != entry.version:
+            raise RuntimeError(f"manifest says {manifest.name}:{manifest.version}, "
+                               f"directory is {entry.name}/{entry.version}")
+        problems = verify_files(entry.directory, manifest)
+        if problems:
+            raise RuntimeError("file integrity check failed: " + "; ".join(problems))
+        entry.manifest = manifest
+        from models.preprocessing import Preprocessor  # numpy/PIL/tokenizers only
+
+        entry.preprocessor = Preprocessor(manifest.preprocessing, entry.directory,
+                                          max_image_pixels=o.max_image_pixels, max_audio_seconds=o.max_audio_seconds)
+        entry.pad_id = int(getattr(entry.preprocessor, "pad_id", 0) or 0)
+        entry.runtime = create_runtime(o.backend, entry.directory, manifest, o.device, o.intra_op_threads,
+                                       o.inter_op_threads, o.allow_spinning)
+        expected = [t.name for t in manifest.inputs]
+        if sorted(entry.runtime.input_names) != sorted(expected):
+            raise RuntimeError(f"model inputs {entry.runtime.input_names} differ from manifest {expected}")
+        cap = max(1, manifest.max_batch_size)
+        if o.max_batch_size == "auto":
+            entry.max_batch_size, entry.batch_size_source = cap, "manifest"
+        else:
+            entry.max_batch_size = min(o.max_batch_size, cap)
+            entry.batch_size_source = "settings" if o.max_batch_size <= cap else "manifest"
+        entry.load_seconds = time.perf_counter() - t0
+        self.metrics.load_seconds.labels(entry.name, str(entry.version)).set(entry.load_seconds)
+        entry.state = WARMING
+        self.on_state(entry)
+        if o.warmup:
+            t1 = time.perf_counter()
+            self.warm_up(entry)
+            entry.warmup_seconds = time.perf_counter() - t1
+            self.metrics.warmup_seconds.labels(entry.name, str(entry.version)).set(entry.warmup_seconds)
+
+    def warm_up(self, entry: ModelEntry) -> None:
+        """Worst case: max batch size, max sequence length, every modality present; then a batch of 1.
+
+        MAX_BATCH_SIZE=auto on CPU: first calibrate the batch size on these worst-case items (see
+        `measure_batch_sizes`), so the worst-case batch is the chosen size, not the manifest's."""
+        assert entry.manifest is not None
+        item = prepare(entry, get_task(entry.manifest.task), warmup_item(entry))
+        if self.options.max_batch_size == "auto" and entry.runtime is not None and entry.runtime.device == "cpu":
+            check_outputs(entry, entry.infer([item]))  # first run: allocations, lazy init
+
+            def run_once(size: int) -> float:
+                t0 = time.perf_counter()
+                entry.infer([item] * size)
+                return time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            timings = measure_batch_sizes(run_once, entry.max_batch_size)
+            entry.max_batch_size = choose_batch_size(timings)
+            entry.batch_size_source = "auto-calibrated"
+            entry.batch_calibration = {size: size / max(sec, 1e-9) for size, sec in timings.items()}
+            log.info("model %s:%s batch size %d (auto-calibrated on cpu in %.2fs: %s items/s)", entry.name,
+                     entry.version, entry.max_batch_size, time.perf_counter() - t0,
+                     ", ".join(f"b{k} {v:.1f}" for k, v in entry.batch_calibration.items()))
+        for size in (entry.max_batch_size, 1):
+            check_outputs(entry, entry.infer([item] * size))
+
+
+def check_outputs(entry: ModelEntry, outs: list[np.ndarray]) -> None:
+    assert entry.manifest is not None
+    n_labels = len(entry.manifest.labels)
+    if outs[0].shape[-1] != n_labels:
+        raise RuntimeError(f"model outputs {outs[0].shape[-1]} scores per item, manifest has {n_labels} labels")
+    if not np.all(np.isfinite(outs[0])):
+        raise RuntimeError("warm-up produced non-finite logits")
+
+
+def warmup_item(entry: ModelEntry) -> Item:
+    """Worst case: text past the max sequence length, every modality present (a grey image, a silent clip
+    as long as the model reads), as encoded files so warm-up takes the requests' preprocessing path."""
+    from PIL import Image
+    import soundfile as sf
+
+    m, pre = entry.manifest, entry.preprocessor
+    assert m is not None
+    spec, mods = m.preprocessing, m.modality_names
+    item = Item()
+    if "text" in mods and spec.text is not None:
+        item.text = " ".join(["warmup"] * (4 * spec.text.max_length))
+    if "image" in mods and spec.image is not None:
+        side = max(1, min(spec.image.size, math.isqrt(pre.max_image_pixels)))  # uniform grey: any size looks alike
+        buf = io.BytesIO()
+        Image.new("RGB", (side, side), (127, 127, 127)).save(buf, format="PNG")
+        item.image = buf.getvalue()
+    if "audio" in mods and spec.audio is not None:
+        a = spec.audio
+        seconds = min(a.max_seconds, pre.max_audio_seconds)
+        buf = io.BytesIO()
+        sf.write(buf, np.zeros(int(seconds * a.sample_rate), np.float32), a.sample_rate, format="WAV",
+                 subtype="FLOAT")
+        item.audio = buf.getvalue()
+    return item
