@@ -470,3 +470,21 @@ def test_app_never_imports_torch_or_training():
             "create_app(Settings()); import app.rest, app.v2, app.core.registry, app.runtime, app.core.batcher, app.tasks; "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith('training')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+
+
+def test_serving_core_and_tasks_never_import_fastapi_or_starlette():
+    """The core (registry, loading, batcher, service, ...) and the tasks know no HTTP: every protocol
+    front-end (REST v1, OIP v2, gRPC to come) maps their plain values and errors itself."""
+    import pkgutil
+    import subprocess
+    import sys
+
+    import app.core
+    import app.tasks
+
+    modules = [f"app.core.{m.name}" for m in pkgutil.iter_modules(app.core.__path__)]
+    modules += [f"app.tasks.{m.name}" for m in pkgutil.iter_modules(app.tasks.__path__)]
+    assert {"app.core.registry", "app.core.service", "app.core.batcher", "app.tasks.classify"} <= set(modules)
+    code = (f"import sys, importlib; [importlib.import_module(m) for m in {modules!r}]; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('fastapi', 'starlette')]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
