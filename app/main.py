@@ -35,18 +35,23 @@ DESCRIPTION = """Multimodal (text + image + audio) inference with dynamic batchi
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
-    metrics = Metrics()
-    s = settings
+def build_service(s: Settings, metrics: Metrics) -> Service:
+    """The serving core, each part with the options it needs (nothing below here reads Settings)."""
     load = LoadOptions(backend=s.backend, device=s.device, intra_op_threads=s.intra_op_threads,
                        inter_op_threads=s.inter_op_threads, allow_spinning=s.allow_spinning,
                        max_image_pixels=s.max_image_pixels, max_audio_seconds=s.max_audio_seconds,
                        max_batch_size=s.max_batch_size, warmup=s.warmup)
-    registry = Registry(s.repository, metrics, pinned=s.model_versions, load=load, max_delay_s=s.max_delay_ms / 1000.0,
-                        queue_size=s.queue_size, strict_readiness=s.strict_readiness)
-    service = Service(registry, metrics, preprocess_workers=s.preprocess_workers,
-                      request_timeout_s=s.request_timeout_s)
+    registry = Registry(s.repository, metrics, pinned=s.model_versions, load=load,
+                        max_delay_s=s.max_delay_ms / 1000.0, queue_size=s.queue_size,
+                        strict_readiness=s.strict_readiness)
+    return Service(registry, metrics, preprocess_workers=s.preprocess_workers, request_timeout_s=s.request_timeout_s)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    service = build_service(settings, metrics)
+    registry = service.registry
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -70,10 +75,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
 
     from app import rest, v2
-    app.include_router(rest.build_router(service, max_upload_bytes=s.max_upload_bytes,
-                                         max_batch_items=s.max_batch_items))
+    app.include_router(rest.build_router(service, max_upload_bytes=settings.max_upload_bytes,
+                                         max_batch_items=settings.max_batch_items))
     # Open Inference Protocol (KServe v2), JSON form
-    app.include_router(v2.build_router(service, backend=s.backend, max_batch_items=s.max_batch_items))
+    app.include_router(v2.build_router(service, backend=settings.backend, max_batch_items=settings.max_batch_items))
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Any:

@@ -131,43 +131,46 @@ def describe(entry: ModelEntry, detail: bool = False) -> dict[str, Any]:
     return out
 
 
+async def _handle(service: Service, request: Request, task: Task, *, batch: bool, max_upload: int,
+                  max_items: int) -> Response:
+    """Both forms of a task endpoint: parse, pick the model, run every item, answer."""
+    with service.call(f"/v1/{task.name}/batch" if batch else f"/v1/{task.name}") as call:
+        try:
+            parsed = await parse(request, task, batch=batch, max_upload=max_upload, max_items=max_items)
+            entry = service.registry.choose(task.name, parsed.model)
+            call.model = entry.name
+            good = [i for i in range(len(parsed.items)) if i not in parsed.errors]  # parse errors fail alone
+            ran = await service.run_items(request.scope.get("state", {}).get("request_id", "-"),
+                                          lambda: wait_disconnect(request), task, entry,
+                                          [parsed.items[i] for i in good], service.deadline(call, parsed.timeout_ms))
+            outs = [ItemOutcome(error=parsed.errors.get(i)) for i in range(len(parsed.items))]
+            for i, out in zip(good, ran):
+                outs[i] = out
+            response = _batch_response(entry, outs) if batch else _single_response(entry, outs[0])
+            call.status = 200
+            return response
+        except (ServingError, ApiError) as exc:
+            err = api_error(exc) if isinstance(exc, ServingError) else exc
+            call.status = err.status
+            return err.response()
+
+
 def build_router(service: Service, *, max_upload_bytes: int, max_batch_items: int) -> APIRouter:
     """The /v1 routes, the probes and /metrics, over `service`."""
     router = APIRouter()
     registry = service.registry
 
-    async def handle(request: Request, task: Task, *, batch: bool) -> Response:
-        """Both forms of a task endpoint: parse, pick the model, run every item, answer."""
-        with service.call(f"/v1/{task.name}/batch" if batch else f"/v1/{task.name}") as call:
-            try:
-                parsed = await parse(request, task, batch=batch, max_upload=max_upload_bytes,
-                                     max_items=max_batch_items)
-                entry = registry.choose(task.name, parsed.model)
-                call.model = entry.name
-                good = [i for i in range(len(parsed.items)) if i not in parsed.errors]
-                ran = await service.run_items(request.scope.get("state", {}).get("request_id", "-"),
-                                              lambda: wait_disconnect(request), task, entry,
-                                              [parsed.items[i] for i in good], service.deadline(call, parsed.timeout_ms))
-                outs = [ItemOutcome(error=parsed.errors.get(i)) for i in range(len(parsed.items))]
-                for i, out in zip(good, ran):
-                    outs[i] = out
-                response = _batch_response(entry, outs) if batch else _single_response(entry, outs[0])
-                call.status = 200
-                return response
-            except (ServingError, ApiError) as exc:
-                err = api_error(exc) if isinstance(exc, ServingError) else exc
-                call.status = err.status
-                return err.response()
-
     def add_task_routes(task: Task) -> None:
         async def single(request: Request) -> Response:
-            return await handle(request, task, batch=False)
+            return await _handle(service, request, task, batch=False, max_upload=max_upload_bytes,
+                                 max_items=max_batch_items)
 
         async def batch(request: Request, body: Any = Body(..., openapi_examples={
                 "two_items": {"summary": "two items, each answered independently",
                               "value": {"inputs": [v["value"] for v in task.examples(_PNG, _WAV).values()][:2]}}})
                         ) -> Response:
-            return await handle(request, task, batch=True)
+            return await _handle(service, request, task, batch=True, max_upload=max_upload_bytes,
+                                 max_items=max_batch_items)
 
         batch.__annotations__ = {"request": Request, "body": task.batch_request_model, "return": Response}
         single.__annotations__ = {"request": Request, "return": Response}

@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse, Response
 from app.core.errors import ServingError
 from app.core.items import Item, decode_b64
 from app.core.loading import ModelEntry
+from app.core.registry import Registry
 from app.core.service import Service
 from app.rest import wait_disconnect
 from app.tasks import get_task
@@ -202,24 +203,63 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
+# ------------------------------------------------------------------------------------ handlers
+def _lookup(registry: Registry, model: str, version: str | None) -> ModelEntry:
+    entry = registry.entries.get(model)
+    if entry is None:
+        raise V2Error(404, f"unknown model '{model}'; available: {sorted(registry.entries)}")
+    if version is not None and version != str(entry.version):
+        raise V2Error(400, f"model '{model}' version '{version}' is not served; the loaded version is "
+                           f"'{entry.version}'")
+    return entry
+
+
+async def _infer(service: Service, request: Request, model: str, version: str | None, max_batch_items: int
+                 ) -> Response:
+    rid = None
+    with service.call(INFER_ENDPOINT) as call:
+        try:
+            body = await _json_body(request)
+            rid = body.get("id")
+            entry = _lookup(service.registry, model, version)
+            call.model = entry.name
+            try:
+                service.registry.choose(entry.task or "", entry.name)  # ready? (same checks and metrics as /v1)
+            except ServingError as err:
+                raise _from_core(err) from None
+            task = get_task(entry.task)
+            params = body.get("parameters") or {}
+            if not isinstance(params, dict):
+                raise V2Error(400, "'parameters' must be an object")
+            outputs = _requested_outputs(task.v2_outputs, entry, body)
+            items = _parse_inputs(entry, body, max_batch_items)
+            outs = await service.run_items(request.scope.get("state", {}).get("request_id", "-"),
+                                           lambda: wait_disconnect(request), task, entry, items,
+                                           service.deadline(call, _timeout_ms(params)))
+            for i, oc in enumerate(outs):
+                if oc.error is not None:
+                    err = _from_core(oc.error)
+                    err.message = f"row {i}: {err.message}" if len(outs) > 1 else err.message
+                    raise err
+            response: dict[str, Any] = {"model_name": entry.name, "model_version": str(entry.version)}
+            if rid is not None:
+                response["id"] = rid
+            logits, bodies = [oc.result.output for oc in outs], [oc.body for oc in outs]
+            response["outputs"] = [task.v2_output(name, k, entry.manifest, logits, bodies) for name, k in outputs]
+            call.status = 200
+            return JSONResponse(response)
+        except V2Error as err:
+            call.status = err.status
+            if rid is not None:
+                return JSONResponse({"error": err.message, "id": rid}, status_code=err.status, headers=err.headers)
+            return err.response()
+
+
 # ------------------------------------------------------------------------------------ routes
 def build_router(service: Service, *, backend: str, max_batch_items: int) -> APIRouter:
     """The /v2 routes over `service`; `backend` names the platform of a model that has no runtime."""
     router = APIRouter(tags=["open inference protocol (v2)"])
     registry = service.registry
-
-    def lookup(model: str, version: str | None) -> ModelEntry:
-        entry = registry.entries.get(model)
-        if entry is None:
-            raise V2Error(404, f"unknown model '{model}'; available: {sorted(registry.entries)}")
-        if version is not None and version != str(entry.version):
-            raise V2Error(400, f"model '{model}' version '{version}' is not served; the loaded version is "
-                               f"'{entry.version}'")
-        return entry
-
-    def platform(entry: ModelEntry) -> str:
-        name = entry.runtime.backend if entry.runtime is not None else backend
-        return PLATFORMS.get(name, name)
 
     @router.get("/v2", summary="Server metadata")
     async def server_metadata() -> dict[str, Any]:
@@ -241,8 +281,9 @@ def build_router(service: Service, *, backend: str, max_batch_items: int) -> API
     @router.get("/v2/models/{model}/versions/{version}", summary="Model metadata (one version)")
     async def get_model(model: str, version: str | None = None) -> Response:
         try:
-            entry = lookup(model, version)
-            return JSONResponse(model_metadata(entry, platform(entry)))
+            entry = _lookup(registry, model, version)
+            platform = entry.runtime.backend if entry.runtime is not None else backend
+            return JSONResponse(model_metadata(entry, PLATFORMS.get(platform, platform)))
         except V2Error as err:
             return err.response()
 
@@ -250,7 +291,7 @@ def build_router(service: Service, *, backend: str, max_batch_items: int) -> API
     @router.get("/v2/models/{model}/versions/{version}/ready", summary="Model readiness (one version)")
     async def model_ready(model: str, version: str | None = None) -> Response:
         try:
-            entry = lookup(model, version)
+            entry = _lookup(registry, model, version)
         except V2Error as err:
             return err.response()
         return Response(status_code=200 if registry.is_ready(entry) else 400)
@@ -258,44 +299,7 @@ def build_router(service: Service, *, backend: str, max_batch_items: int) -> API
     @router.post("/v2/models/{model}/infer", summary="Inference (JSON tensors)")
     @router.post("/v2/models/{model}/versions/{version}/infer", summary="Inference (one version)")
     async def infer(model: str, request: Request, version: str | None = None) -> Response:
-        rid = None
-        with service.call(INFER_ENDPOINT) as call:
-            try:
-                body = await _json_body(request)
-                rid = body.get("id")
-                entry = lookup(model, version)
-                call.model = entry.name
-                try:
-                    registry.choose(entry.task or "", entry.name)  # ready? (same checks and metrics as /v1)
-                except ServingError as err:
-                    raise _from_core(err) from None
-                task = get_task(entry.task)
-                params = body.get("parameters") or {}
-                if not isinstance(params, dict):
-                    raise V2Error(400, "'parameters' must be an object")
-                outputs = _requested_outputs(task.v2_outputs, entry, body)
-                items = _parse_inputs(entry, body, max_batch_items)
-                outs = await service.run_items(request.scope.get("state", {}).get("request_id", "-"),
-                                               lambda: wait_disconnect(request), task, entry, items,
-                                               service.deadline(call, _timeout_ms(params)))
-                for i, oc in enumerate(outs):
-                    if oc.error is not None:
-                        err = _from_core(oc.error)
-                        err.message = f"row {i}: {err.message}" if len(outs) > 1 else err.message
-                        raise err
-                response: dict[str, Any] = {"model_name": entry.name, "model_version": str(entry.version)}
-                if rid is not None:
-                    response["id"] = rid
-                logits = [oc.result.output for oc in outs]
-                bodies = [oc.body for oc in outs]
-                response["outputs"] = [task.v2_output(name, k, entry.manifest, logits, bodies) for name, k in outputs]
-                call.status = 200
-                return JSONResponse(response)
-            except V2Error as err:
-                call.status = err.status
-                if rid is not None:
-                    return JSONResponse({"error": err.message, "id": rid}, status_code=err.status, headers=err.headers)
-                return err.response()
+        return await _infer(service, request, model, version, max_batch_items)
 
     return router
 
