@@ -25,6 +25,7 @@ PIXEL_VALUES = "pixel_values"
 IMAGE_PRESENT = "image_present"
 AUDIO_FEATURES = "audio_features"
 AUDIO_PRESENT = "audio_present"
+AUDIO_FRAMES = "audio_frames"
 LOGITS = "logits"
 
 BATCH_AXIS = "batch"

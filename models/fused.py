@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from models import contract
+from models.encoders import EncoderOutput
 from models.spec import Task
 
 
@@ -52,17 +53,27 @@ class FusedModel(nn.Module):
         image_present: torch.Tensor | None = None,
         audio_features: torch.Tensor | None = None,
         audio_present: torch.Tensor | None = None,
+        audio_frames: torch.Tensor | None = None,
+        encoded: dict[str, EncoderOutput] | None = None,
     ) -> torch.Tensor:
         """Contract inputs (int64 [B, T] ids/mask; float32 [B, 3, H, W] pixels; float32 [B, n_mels, F] log-mel;
-        float32 [B] presence) -> logits [B, C] (classify, VQA) or [B, T, C] (NER)."""
-        outputs, present = {}, {}
-        if self.text_encoder is not None:
+        int64 [B] valid audio frames; float32 [B] presence) -> logits [B, C] (classify, VQA) or [B, T, C] (NER).
+
+        `encoded`: outputs of frozen encoders computed beforehand (training's feature cache); those
+        encoders are skipped and their raw inputs may be None. Never used by the exported graph."""
+        outputs = dict(encoded or {})
+        if self.text_encoder is not None and "text" not in outputs:
             outputs["text"] = self.text_encoder(input_ids, attention_mask)
+        if self.image_encoder is not None and "image" not in outputs:
+            outputs["image"] = self.image_encoder(pixel_values)
+        if self.audio_encoder is not None and "audio" not in outputs:
+            outputs["audio"] = self.audio_encoder(audio_features, audio_frames)
+        present = {}
+        if self.text_encoder is not None:
             present["text"] = torch.ones_like(outputs["text"].pooled[:, 0])
         if self.image_encoder is not None:
-            outputs["image"] = self.image_encoder(pixel_values)
             present["image"] = image_present
         if self.audio_encoder is not None:
-            outputs["audio"] = self.audio_encoder(audio_features)
             present["audio"] = audio_present
+        outputs = {m: outputs[m] for m in self.modalities}  # MODALITIES order, as fusion expects
         return self.head(self.fusion(outputs, present))

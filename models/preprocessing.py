@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -39,6 +39,14 @@ class Features:
     word_ids: list[int | None] | None = None
     pixel_values: np.ndarray | None = None
     audio_features: np.ndarray | None = None
+    audio_frames: int | None = None  # log-mel frames that cover the clip (the rest is padding); None: all
+
+
+class AudioClip(NamedTuple):
+    """features float32 [n_mels, num_frames]; frames: how many of them cover the clip, not padding."""
+
+    features: np.ndarray
+    frames: int
 
 
 # ---------------------------------------------------------------------------- audio DSP
@@ -244,15 +252,24 @@ class Preprocessor:
 
     def audio_from_bytes(self, data: bytes) -> np.ndarray:
         """float32 [n_mels, num_frames] from WAV/FLAC/OGG bytes; raises media.MediaError."""
-        self._audio_spec()
-        wave, rate = media.decode_audio(data, max_seconds=self.max_audio_seconds)
-        return self.audio_from_waveform(wave, rate)
+        return self.audio_clip(data).features
 
     def audio_from_waveform(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
-        """float32 [n_mels, num_frames] from float samples in -1..1, [samples] or [samples, channels].
+        """float32 [n_mels, num_frames]; see audio_clip_from_waveform."""
+        return self.audio_clip_from_waveform(wave, sample_rate).features
+
+    def audio_clip(self, data: bytes) -> AudioClip:
+        """Log-mel features and valid frame count from WAV/FLAC/OGG bytes; raises media.MediaError."""
+        self._audio_spec()
+        wave, rate = media.decode_audio(data, max_seconds=self.max_audio_seconds)
+        return self.audio_clip_from_waveform(wave, rate)
+
+    def audio_clip_from_waveform(self, wave: np.ndarray, sample_rate: int) -> AudioClip:
+        """From float samples in -1..1, [samples] or [samples, channels].
 
         Channels are averaged, the clip is resampled to spec.sample_rate, then zero-padded or
-        cropped (keeping the start) to spec.num_samples.
+        cropped (keeping the start) to spec.num_samples. frames = ceil(clip samples / hop), at most
+        num_frames, at least 1.
         """
         a = self._audio_spec()
         wave = np.asarray(wave, dtype=np.float32)
@@ -264,9 +281,10 @@ class Preprocessor:
         # extra 10 ms covers the filter's reach so the kept end is resampled from real samples
         keep = int(np.ceil((a.max_seconds + 0.01) * sample_rate))
         wave = resample(wave[:keep], int(sample_rate), a.sample_rate)[: a.num_samples]
+        frames = min(a.num_frames, max(1, -(-len(wave) // a.hop_length)))
         if len(wave) < a.num_samples:
             wave = np.pad(wave, (0, a.num_samples - len(wave)))
-        return log_mel(wave, a, self._mel_filters, self._window)
+        return AudioClip(log_mel(wave, a, self._mel_filters, self._window), frames)
 
 
 # ---------------------------------------------------------------------------- batching
@@ -279,7 +297,7 @@ def collate(
 
     input_ids (padded with `pad_id`) and attention_mask (padded with 0): int64 [B, longest T];
     pixel_values float32 [B, 3, size, size] and image_present float32 [B];
-    audio_features float32 [B, n_mels, num_frames] and audio_present float32 [B].
+    audio_features float32 [B, n_mels, num_frames], audio_present float32 [B] and audio_frames int64 [B].
     Only the given modalities appear; an absent image or clip is zeros with present = 0.0.
     """
     if not items:
@@ -308,6 +326,9 @@ def collate(
             raise ValueError("the spec has no audio settings")
         shape = (spec.audio.n_mels, spec.audio.num_frames)
         batch[contract.AUDIO_FEATURES], batch[contract.AUDIO_PRESENT] = _stack([f.audio_features for f in items], shape)
+        # absent clip: 0; features given without a count (a caller that does not know it): all frames
+        batch[contract.AUDIO_FRAMES] = np.array([0 if f.audio_features is None else f.audio_frames or shape[1]
+                                        for f in items], dtype=np.int64)
     return batch
 
 

@@ -22,42 +22,38 @@ DISPATCH = {
     "bench": ("bench.__main__", "benchmark serving against the model's limit and a peer server"),
 }
 
-# train flags: (flag, kwargs); dest names match TrainConfig fields; default None = "not given"
-_TRAIN_FLAGS = [
-    ("--task", dict(choices=["classify", "ner", "vqa"])),
-    ("--data", dict(metavar="DIR", help="directory with train.jsonl, dev.jsonl and optionally test.jsonl")),
-    ("--output", dict(metavar="RUN_DIR", help="run directory to write")),
-    ("--modalities", dict(help="comma-separated subset of text,image,audio (default: all three)")),
-    ("--fusion", dict(choices=["concat", "gated", "cross_attention", "late"])),
-    ("--text-encoder", dict(help="tiny | minilm | HF name | local path")),
-    ("--image-encoder", dict(help="tiny | efficientnet-lite0 | HF name | local path")),
-    ("--audio-encoder", dict(help="tiny | whisper-tiny | HF name | local path")),
-    ("--hidden-size", dict(type=int)),
-    ("--peft", dict(choices=["none", "lora"])),
-    ("--lora-rank", dict(type=int)),
-    ("--lora-alpha", dict(type=int)),
-    ("--lora-dropout", dict(type=float)),
-    ("--lora-targets", dict(help="regex over module names")),
-    ("--freeze-encoders", dict(action="store_const", const=True, help="linear probing")),
-    ("--epochs", dict(type=int)),
-    ("--lr", dict(type=float)),
-    ("--encoder-lr", dict(type=float, help="learning rate for pretrained encoders")),
-    ("--weight-decay", dict(type=float)),
-    ("--warmup-ratio", dict(type=float)),
-    ("--batch-size", dict(type=int)),
-    ("--grad-clip", dict(type=float)),
-    ("--patience", dict(type=int, help="early stopping patience in epochs (0: off)")),
-    ("--seed", dict(type=int)),
-    ("--max-train-samples", dict(type=int)),
-    ("--max-eval-samples", dict(type=int)),
-    ("--max-length", dict(type=int, help="text tokens per record")),
-    ("--image-size", dict(type=int, help="square image side in pixels")),
-    ("--audio-seconds", dict(type=float, help="audio clip length the model sees")),
-    ("--vqa-top-answers", dict(type=int, help="answer vocabulary size (most frequent)")),
-    ("--skip-bad", dict(action="store_const", const=True, help="skip bad records, with counts")),
-    ("--num-workers", dict(type=int)),
-    ("--threads", dict(type=int, help="torch CPU threads")),
-]
+def train_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """One flag per TrainConfig field, generated from its type, choices and description; returns the
+    field names. Every default is None ("not given"), so a --config file's value is kept unless a
+    flag overrides it; the real defaults live in TrainConfig alone and are shown in the help."""
+    import types
+    import typing
+
+    from training.config import TrainConfig
+
+    names = []
+    for name, info in TrainConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        annotation = info.annotation
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            annotation = args[0]  # X | None: the flag takes an X
+        default = None if info.is_required() else (info.default_factory() if info.default_factory else info.default)
+        shown = ",".join(default) if isinstance(default, list) else default
+        help_text = (info.description or "") + ("" if info.is_required() or default is None else f" (default: {shown})")
+        kwargs: dict = {"default": None, "help": help_text, "dest": name}
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(annotation) is typing.Literal:
+            kwargs["choices"] = list(typing.get_args(annotation))
+        elif typing.get_origin(annotation) is list:
+            kwargs["metavar"] = ",".join(typing.get_args(typing.get_args(annotation)[0]))
+        else:
+            kwargs["type"] = annotation
+            kwargs["metavar"] = name.split("_")[-1].upper() if annotation is str else annotation.__name__.upper()
+        parser.add_argument(flag, **kwargs)
+        names.append(name)
+    return names
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,11 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
                        help="continue from RUN_DIR/checkpoint (RUN_DIR defaults to --output); "
                             "settings come from RUN_DIR/config.yaml, flags override")
-    for flag, kwargs in _TRAIN_FLAGS:
-        train.add_argument(flag, default=None, **kwargs)
-    progress = train.add_mutually_exclusive_group()
-    progress.add_argument("--progress", dest="progress", action="store_const", const=True, default=None)
-    progress.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+    train_flags(train)
 
     ev = sub.add_parser("evaluate", help="metrics of a trained run on a data split")
     ev.add_argument("run_dir", type=Path)
@@ -98,9 +90,9 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_train(args: argparse.Namespace) -> int:
     from training.config import resolve_config
 
-    overrides = {dest: getattr(args, dest) for dest in
-                 (flag[2:].replace("-", "_") for flag, _ in _TRAIN_FLAGS)}
-    overrides["progress"] = args.progress
+    from training.config import TrainConfig
+
+    overrides = {name: getattr(args, name) for name in TrainConfig.model_fields}
     resume = args.resume is not None
     file = args.config
     if resume:

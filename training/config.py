@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.spec import MODALITIES, FusionKind, LoraSpec, ModelConfig, Task
 
@@ -21,51 +21,67 @@ class ConfigError(ValueError):
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
+    # Every field is a `mmserve train` flag (training/cli.py generates them from this class):
+    # --field-name, its type, choices and this description as the help text.
+
     # what and where
-    task: Task
-    data: str
-    output: str
-    modalities: list[Literal["text", "image", "audio"]] = Field(default_factory=lambda: list(MODALITIES))
-    multi_label: bool | None = None  # None: inferred from the data (a list-valued "label")
+    task: Task = Field(description="what the model predicts")
+    data: str = Field(description="directory with train.jsonl, dev.jsonl and optionally test.jsonl")
+    output: str = Field(description="run directory to write")
+    modalities: list[Literal["text", "image", "audio"]] = Field(
+        default_factory=lambda: list(MODALITIES), description="comma-separated subset of text,image,audio")
+    multi_label: bool | None = Field(None, description="several labels per record (default: inferred from "
+                                                       "list-valued labels in the data)")
 
     # model
-    fusion: FusionKind = "concat"
-    text_encoder: str = "tiny"
-    image_encoder: str = "tiny"
-    audio_encoder: str = "tiny"
-    hidden_size: int = 128
-    dropout: float = 0.1
-    vocab_size: int = 2048  # tiny tokenizer only (pretrained text encoders bring their own)
+    fusion: FusionKind = Field("concat", description="how the modalities are combined")
+    text_encoder: str = Field("tiny", description="tiny | minilm | HF name | local path")
+    image_encoder: str = Field("tiny", description="tiny | efficientnet-lite0 | HF name | local path")
+    audio_encoder: str = Field("tiny", description="tiny | whisper-tiny | HF name | local path")
+    hidden_size: int = Field(128, description="width every modality is projected to")
+    dropout: float = Field(0.1, description="dropout in projections, fusion and head")
+    vocab_size: int = Field(2048, description="tiny tokenizer only (pretrained text encoders bring their own)")
     # preprocessing overrides (None: models.build.default_preprocess_spec decides)
-    max_length: int | None = None
-    image_size: int | None = None
-    audio_seconds: float | None = None
-    vqa_top_answers: int | None = None  # answer vocabulary: the N most frequent training answers
+    max_length: int | None = Field(None, description="text tokens per record")
+    image_size: int | None = Field(None, description="square image side in pixels")
+    audio_seconds: float | None = Field(None, description="audio window the model sees (tiny audio encoder)")
+    vqa_top_answers: int | None = Field(None, description="answer vocabulary: the N most frequent training answers")
 
-    # fine-tuning strategy
-    peft: Literal["none", "lora"] = "none"
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_targets: str = r".*text_encoder.*\.(query|value)$"
-    freeze_encoders: bool = False  # linear probing: every encoder frozen, fusion + head train
+    # fine-tuning strategy (training/recipe.py)
+    peft: Literal["none", "lora"] = Field("none", description="LoRA adapters instead of full fine-tuning")
+    lora_rank: int = Field(8, description="LoRA rank")
+    lora_alpha: int = Field(16, description="LoRA alpha")
+    lora_dropout: float = Field(0.05, description="LoRA dropout")
+    lora_targets: str = Field(r".*text_encoder.*\.(query|value)$", description="regex over module names")
+    freeze_encoders: bool = Field(False, description="linear probing: every encoder frozen, fusion + head train")
+    media_encoders: Literal["auto", "train", "freeze"] = Field(
+        "auto", description="pretrained image/audio encoders under full fine-tuning; auto: frozen (features "
+                            "cached) on small data, trained on large")
 
     # optimisation
-    epochs: int = 10
-    lr: float = 1e-3
-    encoder_lr: float | None = None  # lower LR for *pretrained* encoders (None: same as lr)
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    batch_size: int = 32
-    grad_clip: float = 1.0
-    patience: int = 3  # epochs without dev improvement before stopping; 0 disables early stopping
-    seed: int = 0
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    skip_bad: bool = False
-    num_workers: int = 0
-    threads: int | None = None  # torch.set_num_threads; None leaves torch's default
-    progress: bool | None = None  # tqdm bar on stderr; None: only when stderr is a TTY
+    epochs: int = Field(10, description="maximum epochs")
+    lr: float = Field(1e-3, description="learning rate of fusion, head, LoRA adapters and tiny encoders")
+    encoder_lr: float | None = Field(None, description="learning rate of trained pretrained encoders (default: "
+                                                       "per family: text/audio 3e-5, image 1e-4)")
+    weight_decay: float = Field(0.01, description="AdamW weight decay (not on biases and norms)")
+    warmup_ratio: float = Field(0.1, description="share of steps with linear warm-up")
+    batch_size: int = Field(32, description="global batch (split across torchrun processes)")
+    grad_clip: float = Field(1.0, description="gradient norm clip (0: off)")
+    patience: int = Field(3, description="early stopping: epochs without dev improvement (0: off)")
+    seed: int = Field(0, description="random seed (same seed, data and machine: same metrics)")
+    max_train_samples: int | None = Field(None, description="use only the first N training records")
+    max_eval_samples: int | None = Field(None, description="use only the first N dev/test records")
+    skip_bad: bool = Field(False, description="skip bad records, with counts, instead of stopping")
+    num_workers: int = Field(0, description="DataLoader worker processes")
+    threads: int | None = Field(None, description="torch CPU threads (default: torch's)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present "
+                                                                      "(torchrun: cuda:LOCAL_RANK)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast on CUDA (auto: bf16 where supported, else fp16); CPU is fp32")
+    feature_cache: bool = Field(True, description="frozen encoders run once; their outputs cached on disk")
+    cache_dir: str | None = Field(None, description="feature cache directory (default $MMSERVE_CACHE_DIR or "
+                                                    "~/.cache/mmserve)")
+    progress: bool | None = Field(None, description="progress bar on stderr (default: when stderr is a TTY)")
 
     @field_validator("modalities")
     @classmethod
@@ -82,6 +98,15 @@ class TrainConfig(BaseModel):
         if value < 1:
             raise ValueError("must be at least 1")
         return value
+
+    @model_validator(mode="after")
+    def _task_needs(self) -> "TrainConfig":
+        # checked here so the CLI fails before any data is read
+        if self.task == "ner" and "text" not in self.modalities:
+            raise ValueError("NER needs the text modality (tags are per word)")
+        if self.task == "vqa" and "image" not in self.modalities:
+            raise ValueError("VQA needs the image modality")
+        return self
 
     def lora_spec(self) -> LoraSpec | None:
         if self.peft != "lora":

@@ -309,7 +309,7 @@ def encode_split(
                     if kind == "image":
                         features.pixel_values = pre.image_from_bytes(data)
                     else:
-                        features.audio_features = pre.audio_from_bytes(data)
+                        features.audio_features, features.audio_frames = pre.audio_clip(data)
                 except MediaError as exc:
                     raise _Bad(f"undecodable {kind}", f"{kind} {path.relative_to(r.path.parent)}: {exc.message}")
                 except OSError as exc:

@@ -4,9 +4,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.encoders import EncoderOutput, all_real, local_files_only
+from models.encoders import EncoderOutput, all_real, local_files_only, masked_mean
 
 WHISPER_TINY = "whisper-tiny"
+
+
+def _pooled_over_clip(sequence: torch.Tensor, audio_frames: torch.Tensor | None, frames_per_token: int) -> EncoderOutput:
+    """Mask [B, T] of the tokens that cover the clip itself (not the zero padding after it) and the
+    mean over them. A 0.8 s word in a 10 s window is 8% of the tokens: averaging over the window
+    would drown it. audio_frames None (models exported before the input existed): every token is real.
+    Every row keeps at least its first token (an absent clip has audio_frames 0 and is masked by its
+    presence flag in fusion): an all-False row would give NaN in onnxruntime's softmax."""
+    if audio_frames is None:
+        mask = all_real(sequence)
+    else:
+        starts = torch.arange(sequence.shape[1], device=sequence.device) * frames_per_token  # [T]
+        mask = starts.unsqueeze(0) < audio_frames.unsqueeze(1).clamp(min=1)
+    return EncoderOutput(sequence, mask, masked_mean(sequence, mask))
 
 
 class TinyAudioEncoder(nn.Module):
@@ -22,9 +36,12 @@ class TinyAudioEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.output_dim = dim
 
-    def forward(self, audio_features: torch.Tensor) -> EncoderOutput:
+    frames_per_token = 8  # three stride-2 convolutions
+
+    def forward(self, audio_features: torch.Tensor, audio_frames: torch.Tensor | None = None) -> EncoderOutput:
+        """audio_features [B, n_mels, F], audio_frames int64 [B] (valid frames; None: all) -> [B, ceil(F/8), dim]."""
         sequence = self.norm(self.blocks(audio_features).transpose(1, 2))
-        return EncoderOutput(sequence, all_real(sequence), sequence.mean(1))
+        return _pooled_over_clip(sequence, audio_frames, self.frames_per_token)
 
 
 class HFAudioEncoder(nn.Module):
@@ -40,10 +57,10 @@ class HFAudioEncoder(nn.Module):
         self.encoder = encoder
         self.output_dim: int = encoder.config.d_model if hasattr(encoder.config, "d_model") else encoder.config.hidden_size
 
-    def forward(self, audio_features: torch.Tensor) -> EncoderOutput:
-        """audio_features [B, n_mels, F] -> sequence [B, T, D] (Whisper: T = F / 2)."""
+    def forward(self, audio_features: torch.Tensor, audio_frames: torch.Tensor | None = None) -> EncoderOutput:
+        """audio_features [B, n_mels, F], audio_frames int64 [B] -> sequence [B, T, D] (Whisper: T = F / 2)."""
         sequence = self.encoder(input_features=audio_features).last_hidden_state
-        return EncoderOutput(sequence, all_real(sequence), sequence.mean(1))
+        return _pooled_over_clip(sequence, audio_frames, audio_features.shape[-1] // sequence.shape[1])
 
 
 def build_whisper_tiny(*, num_frames: int, pretrained: bool) -> HFAudioEncoder:
