@@ -91,3 +91,20 @@ def test_speech_without_espeak_names_the_package(monkeypatch, tmp_path):
     monkeypatch.setattr(speech.shutil, "which", lambda _: None)
     with pytest.raises(SystemExit, match="apt-get install -y espeak-ng"):
         generate("speech", tmp_path, sizes=SMALL)
+
+
+def test_training_benchmark_quick_runs_end_to_end(tmp_path):
+    """`python -m bench.training --quick --tasks match`: every variant trains, the table and files are written."""
+    prefix = tmp_path / "training"
+    r = subprocess.run([sys.executable, "-m", "bench.training", "--quick", "--tasks", "match", "--out", str(prefix)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| match | accuracy |" in r.stdout
+    report = json.loads(Path(f"{prefix}.json").read_text())
+    variants = {run["variant"] for run in report["runs"]}
+    assert variants == {"fused", "best", "text-only", "image-only"}
+    for run in report["runs"]:
+        assert run["rc"] == 0 and run["epochs"] == 1 and run["sec_per_epoch"] is not None
+        assert 0.0 <= run["test"] <= 1.0
+    assert "| match |" in Path(f"{prefix}.md").read_text()
