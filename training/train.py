@@ -341,7 +341,9 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # unused parameters exist by design: a classification head ignores fusion's per-token outputs
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=True)
 
     # ---- 8. optimiser and schedule
     optimizer = torch.optim.AdamW(parameter_groups(model, recipe, config), lr=config.lr)

@@ -60,7 +60,7 @@ def prepare(entry: Any, task: Task, item: Item, metrics: Any = None) -> Prepared
             observe("image", t0)
         if item.audio is not None:
             t0 = time.perf_counter()
-            f.audio_features = pre.audio_from_bytes(item.audio)
+            f.audio_features, f.audio_frames = pre.audio_clip(item.audio)
             observe("audio", t0)
     except MediaError as exc:
         raise MediaRejected(exc.code, exc.message) from None
