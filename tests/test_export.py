@@ -9,10 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models.contract import input_names
 from models.manifest import Manifest, read_manifest, sha256_file
 from models.spec import ModelConfig
 from training import export as ex
+from training import export_formats, parity
 from training import validate as val
+from training.export_source import dev_features, load_for_export
 
 TASKS = {"tiny-classify": "classify", "tiny-ner": "ner", "tiny-vqa": "vqa"}
 
@@ -22,13 +25,13 @@ TASKS = {"tiny-classify": "classify", "tiny-ner": "ner", "tiny-vqa": "vqa"}
 
 def test_required_modalities_and_subsets():
     cfg = ModelConfig(task="vqa", modalities=["text", "image", "audio"], labels=["a"])
-    infos = ex.modality_infos(cfg)
+    infos = parity.modality_infos(cfg)
     assert [(i.name, i.required) for i in infos] == [("text", True), ("image", True), ("audio", False)]
-    assert ex.modality_subsets(infos) == [["text", "image", "audio"], ["text", "image"]]
+    assert parity.modality_subsets(infos) == [["text", "image", "audio"], ["text", "image"]]
     cfg = ModelConfig(task="classify", modalities=["image", "audio"], labels=["a"])
-    subsets = ex.modality_subsets(ex.modality_infos(cfg))
+    subsets = parity.modality_subsets(parity.modality_infos(cfg))
     assert sorted(map(tuple, subsets)) == [("audio",), ("image",), ("image", "audio")]
-    assert ex.input_names_for(["audio", "text"]) == ["input_ids", "attention_mask", "audio_features", "audio_present"]
+    assert input_names(["audio", "text"]) == ["input_ids", "attention_mask", "audio_features", "audio_present"]
 
 
 def test_compare_logits_ignores_ner_padding():
@@ -37,8 +40,8 @@ def test_compare_logits_ignores_ner_padding():
     other = ref.copy()
     other[1, 2] = [9, 0, 0, 0]  # a padding position: ignored
     mask = np.array([[1, 1, 1], [1, 1, 0]])
-    assert ex.compare_logits(ref, other, "ner", False, mask) == (0.0, True)
-    diff, same = ex.compare_logits(ref, other, "classify", False, None)
+    assert parity.compare_logits(ref, other, "ner", False, mask) == (0.0, True)
+    diff, same = parity.compare_logits(ref, other, "classify", False, None)
     assert diff == 9.0 and not same
 
 
@@ -46,7 +49,7 @@ def test_mask_modalities_zeroes_absent_media():
     batch = {"input_ids": np.ones((2, 3), np.int64), "pixel_values": np.ones((2, 3, 4, 4), np.float32),
              "image_present": np.ones(2, np.float32), "audio_features": np.ones((2, 5, 6), np.float32),
              "audio_present": np.ones(2, np.float32)}
-    out = ex.mask_modalities(batch, ["text", "audio"])
+    out = parity.mask_modalities(batch, ["text", "audio"])
     assert not out["pixel_values"].any() and not out["image_present"].any()
     assert out["audio_present"].all() and batch["image_present"].all()  # the input is not modified
 
@@ -57,11 +60,11 @@ def test_mask_modalities_zeroes_absent_media():
 def _fresh_parity(run_dir: Path, version_dir: Path):
     """Parity of the files in version_dir, loaded fresh, against the eager model on real dev batches."""
     manifest = read_manifest(version_dir)
-    run = ex._load(run_dir)
+    run = load_for_export(run_dir)
     names = [t.name for t in manifest.inputs]
-    pre, features = ex.dev_features(run)
-    batches = ex.parity_batches(features, run.config.modalities, run.preprocess, pre.pad_id)
-    return manifest, batches, ex.check_parity(run, names, batches, version_dir, list(manifest.formats))
+    pre, features = dev_features(run)
+    batches = parity.parity_batches(features, run.config.modalities, run.preprocess, pre.pad_id)
+    return manifest, batches, parity.check_parity(run, names, batches, version_dir, list(manifest.formats))
 
 
 @pytest.mark.slow
@@ -75,7 +78,7 @@ def test_each_task_exports_with_parity(model_repository, tiny_run, name):
     sizes = {next(iter(b.values())).shape[0] for b in batches}
     assert 1 in sizes and any(s % 2 == 1 and s > 1 for s in sizes)
     assert len({b["input_ids"].shape[1] for b in batches}) >= 2  # several sequence lengths
-    subsets = ex.modality_subsets(manifest.modalities)
+    subsets = parity.modality_subsets(manifest.modalities)
     for fmt in ("onnx", "torchscript"):
         mine = [r for r in results if r.format == fmt]
         assert {tuple(r.present) for r in mine} == {tuple(s) for s in subsets}
@@ -89,7 +92,7 @@ def test_each_task_exports_with_parity(model_repository, tiny_run, name):
     assert manifest.task == task and manifest.name == name and manifest.version == 1
     required = {m.name for m in manifest.modalities if m.required}
     assert required == ({"text", "image"} if task == "vqa" else {"text"})
-    assert [t.name for t in manifest.inputs] == ex.input_names_for(manifest.modality_names)
+    assert [t.name for t in manifest.inputs] == input_names(manifest.modality_names)
     ids = next(t for t in manifest.inputs if t.name == "input_ids")
     assert ids.dtype == "int64" and ids.shape == ["batch", "sequence"]
     out = manifest.outputs[0]
@@ -136,7 +139,7 @@ def test_interrupted_export_leaves_nothing(tiny_run, tmp_path, monkeypatch):
         seen["onnx_written"] = (path.parent / "model.onnx").is_file()
         raise RuntimeError("simulated crash after the ONNX file was written")
 
-    monkeypatch.setattr(ex, "export_torchscript", crash)
+    monkeypatch.setattr(export_formats, "export_torchscript", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         ex.export(tiny_run("classify"), repo, "m")
     assert seen["onnx_written"]

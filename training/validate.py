@@ -22,9 +22,11 @@ from typing import Callable, Sequence
 import numpy as np
 from pydantic import ValidationError
 
+from models import contract
 from models.manifest import MANIFEST_FILE, Manifest, sha256_file
+from training.model_repository import TMP_PREFIX
+from training.parity import compare_logits, load_torchscript, onnx_session, run_onnx, run_torchscript, within_tolerance
 
-TOLERANCE = 1e-4
 _ORT_DTYPES = {"tensor(int64)": "int64", "tensor(float)": "float32", "tensor(bool)": "bool"}
 
 
@@ -104,16 +106,12 @@ def sample_batch(manifest: Manifest, directory: Path) -> dict[str, np.ndarray]:
 
 
 def _expected_shape(spec_shape, batch: dict[str, np.ndarray]) -> list[int | None]:
-    size = next(iter(batch.values())).shape[0]
-    seq = batch["input_ids"].shape[1] if "input_ids" in batch else None
-    return [size if d == "batch" else seq if d == "sequence" else (d if isinstance(d, int) else None)
-            for d in spec_shape]
+    sizes = {contract.BATCH_AXIS: contract.batch_size(batch), contract.SEQUENCE_AXIS: contract.sequence_length(batch)}
+    return [sizes.get(d) if isinstance(d, str) else d for d in spec_shape]
 
 
 def validate_version(directory: Path, parity: bool = True, warn: Callable[[str], None] = print) -> list[str]:
     """Problems of one NAME/VERSION directory (empty list: good)."""
-    from training.export import compare_logits, onnx_session, run_onnx, run_torchscript
-
     directory = Path(directory)
     manifest, problem = read_manifest_checked(directory)
     if manifest is None:
@@ -172,13 +170,12 @@ def validate_version(directory: Path, parity: bool = True, warn: Callable[[str],
     if ts_info and ts_info.file not in broken:
         path = directory / ts_info.file
         try:
-            import torch
+            import torch  # noqa: F401 - only whether it is installed
         except ImportError:
             warn(f"warning: {path}: not loaded (torch is not installed; TorchScript checks skipped)")
         else:
             try:
-                module = torch.jit.load(str(path), map_location="cpu")
-                module.eval()
+                module = load_torchscript(path)
             except Exception as exc:  # noqa: BLE001
                 problems.append(f"{path}: does not load with torch.jit.load: {_one_line(exc)}")
             else:
@@ -207,8 +204,8 @@ def validate_version(directory: Path, parity: bool = True, warn: Callable[[str],
                 outputs[fmt] = out
         if len(outputs) == 2:
             diff, same = compare_logits(outputs["onnx"], outputs["torchscript"], manifest.task,
-                                        manifest.multi_label, batch.get("attention_mask"))
-            if not diff <= TOLERANCE or not same:
+                                        manifest.multi_label, batch.get(contract.ATTENTION_MASK))
+            if not within_tolerance(diff, same):
                 problems.append(
                     f"{directory / manifest.formats['onnx'].file}: disagrees with "
                     f"{manifest.formats['torchscript'].file} on a sample batch (max abs diff {diff:.3g}, "
@@ -226,7 +223,7 @@ def validate(repository: Path | str, parity: bool = True, report: Callable[[str]
     found = 0
     for model_dir in sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for entry in sorted(model_dir.iterdir()):
-            if entry.name.startswith(".tmp-"):
+            if entry.name.startswith(TMP_PREFIX):
                 say(f"warning: {entry}: stray temporary directory from an interrupted export (ignored; safe to delete)")
                 continue
             if entry.name.startswith("."):
