@@ -40,7 +40,7 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 # HTTP status of each core error code (models.media.MediaError codes included)
 STATUS = {
-    "invalid_request": 422, "wrong_task": 422, "ambiguous_model": 422,
+    "invalid_request": 422, "wrong_task": 422, "ambiguous_model": 422, "invalid_json": 400,
     "undecodable_media": 400, "unsupported_media_type": 415, "media_too_large": 413,
     "model_not_found": 404, "no_model_for_task": 404,
     "model_failed": 503, "not_ready": 503, "overloaded": 503,

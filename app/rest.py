@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any
+from typing import Any, Callable, Coroutine
 
 import numpy as np
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.core.errors import ServingError
+from app.core.errors import InvalidJson, ServingError
+from app.core.jsonbody import parse_json
 from app.core.loading import ModelEntry
 from app.core.service import ItemOutcome, Service
 from app.errors import ApiError, api_error, openapi_errors
@@ -53,6 +56,40 @@ def _request_body(task: Task) -> dict[str, Any]:
         "application/json": {"schema": task.request_model.model_json_schema(),
                              "examples": task.examples(_PNG, _WAV)},
     }}}
+
+
+class _BadJsonBody(StarletteHTTPException):
+    """Raised from `_JsonRequest.json`: an HTTPException, so FastAPI's body reading lets it through untouched."""
+
+    def __init__(self, message: str):
+        super().__init__(400, message)
+        self.message = message
+
+
+class _JsonRequest(Request):
+    """FastAPI reads a declared JSON body (the /batch routes) with `request.json()`: this parses it as every route
+    does (`parse_json`), so JSON the parser cannot take is the same 400 `invalid_json` everywhere."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            try:
+                self._json = parse_json(await self.body())
+            except InvalidJson as exc:
+                raise _BadJsonBody(exc.message) from None
+        return self._json
+
+
+class JsonRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route_handler(request: Request) -> Response:
+            try:
+                return await handler(_JsonRequest(request.scope, request.receive))
+            except _BadJsonBody as exc:
+                return ApiError(400, "invalid_json", exc.message).response()
+
+        return route_handler
 
 
 async def wait_disconnect(request: Request) -> None:
@@ -157,7 +194,7 @@ async def _handle(service: Service, request: Request, task: Task, *, batch: bool
 
 def build_router(service: Service, *, max_upload_bytes: int, max_batch_items: int) -> APIRouter:
     """The /v1 routes, the probes and /metrics, over `service`."""
-    router = APIRouter()
+    router = APIRouter(route_class=JsonRoute)
     registry = service.registry
 
     def add_task_routes(task: Task) -> None:

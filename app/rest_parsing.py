@@ -3,7 +3,6 @@
 batch. `top_k` is settled here, once per item (item's own, else the batch's, else DEFAULT_TOP_K)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +12,7 @@ from starlette.requests import Request
 
 from app.core.errors import InvalidInput, ServingError
 from app.core.items import DEFAULT_TOP_K, Item, decode_b64
+from app.core.jsonbody import parse_json
 from app.errors import ApiError
 from app.tasks import Task
 
@@ -44,10 +44,7 @@ async def parse(request: Request, task: Task, *, batch: bool, max_upload: int, m
 
 
 def _parse_json(raw: bytes, task: Task, *, batch: bool, max_items: int) -> Parsed:
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+    body = parse_json(raw)
     model_cls = task.batch_request_model if batch else task.request_model
     try:
         req = model_cls.model_validate(body)
@@ -96,7 +93,9 @@ async def _parse_form(request: Request, task: Task, max_upload: int) -> Parsed:
             v = values.get(key)
             if isinstance(v, UploadFile):
                 data = await v.read()
-                values[key] = data or None
+                # an empty part with an empty filename is an HTML form's "no file chosen": absent. Any other
+                # empty upload reaches the core as b"", which refuses it by name (check_input)
+                values[key] = None if not data and not v.filename else data
             elif isinstance(v, str):  # a text field: accept base64, as in JSON
                 values[key] = decode_b64(v, key) if v else None
         for key in (text_field, "model"):

@@ -37,6 +37,7 @@ from fastapi.responses import JSONResponse, Response
 
 from app.core.errors import ServingError
 from app.core.items import Item, decode_b64
+from app.core.jsonbody import parse_json
 from app.core.loading import ModelEntry
 from app.core.registry import Registry
 from app.core.service import Service
@@ -195,9 +196,9 @@ async def _json_body(request: Request) -> dict[str, Any]:
     if request.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
         raise V2Error(400, f"Content-Encoding '{request.headers['content-encoding']}' not supported")
     try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise V2Error(400, f"body is not valid JSON: {exc}") from None
+        body = parse_json(await request.body())
+    except ServingError as exc:  # InvalidJson: anything the parser cannot take, nesting too deep included
+        raise V2Error(400, exc.message) from None
     if not isinstance(body, dict):
         raise V2Error(400, "body must be a JSON object")
     return body

@@ -24,6 +24,12 @@ class InvalidInput(ServingError):
     code = "invalid_request"
 
 
+class InvalidJson(ServingError):
+    """A body the JSON parser cannot take (malformed, bad UTF-8, nested too deeply)."""
+
+    code = "invalid_json"
+
+
 class MediaRejected(ServingError):
     """An upload that cannot become a model input; `code` is models.media.MediaError's
     (unsupported_media_type, undecodable_media, media_too_large)."""

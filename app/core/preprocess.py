@@ -18,6 +18,9 @@ def check_input(entry: Any, task: Task, item: Item) -> None:
     """Raise InvalidInput unless `item` has what the model (and the task) needs and nothing it does not take."""
     assert entry.manifest is not None
     mods = entry.manifest.modality_names
+    for m, data in (("image", item.image), ("audio", item.audio)):
+        if data is not None and not data:  # sent, but zero bytes: never "as if nothing was sent"
+            raise InvalidInput(f"'{task.field_name(m)}' is empty (0 bytes): send a file, or leave the field out")
     given = {"text": item.text is not None, "image": item.image is not None, "audio": item.audio is not None}
     extra = [m for m, g in given.items() if g and m not in mods]
     if extra:
