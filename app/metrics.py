@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from app.core.stats import Statistics
+
 # ms-scale latencies up to long deadlines
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25,
                    0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -42,6 +44,8 @@ class Metrics:
                                     ["model", "version"], registry=r)
         self.model_info = Gauge("mmserve_model_info", "1 per model with its backend, device, real provider and state.",
                                 ["model", "version", "backend", "device", "provider", "state"], registry=r)
+        # Triton-style counters (v2 statistics extension), counted where the metrics above are observed
+        self.stats = Statistics()
 
     def set_model_info(self, model: str, version: str, backend: str, device: str, provider: str, state: str) -> None:
         # one series per model: drop the previous state's series

@@ -1,6 +1,7 @@
 """Pure ASGI middlewares: request context (id, access log, last-resort 500), API keys, body size limit."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -111,18 +112,53 @@ class BodyTooLarge(Exception):
     pass
 
 
-class BodyLimitMiddleware:
-    """Refuses bodies over `limit` bytes: at once from Content-Length, else while the body streams in
-    (a receive wrapper counts bytes and aborts as soon as the limit is crossed)."""
+LINGER_IDLE_S = 5.0  # while discarding a refused body: give up after this long without a byte (nginx: 5 s)
 
-    def __init__(self, app: ASGIApp, limit: int):
+
+class BodyLimitMiddleware:
+    """Refuses bodies over `limit` bytes with a JSON 413 that the client can read.
+
+    At once from Content-Length, before any of the body is read (so `Expect: 100-continue` gets the 413 instead
+    of `100 Continue`: uvicorn sends that only when the app first reads the body); else as soon as the streamed
+    body crosses the limit, whatever the app then made of the aborted read. The 413 goes out first, then the rest
+    of the body is read and thrown away (nginx's lingering close: at most `linger_bytes`, `linger_s` seconds, and
+    LINGER_IDLE_S without data) before the response ends and the connection closes. Closing with the body unread
+    resets the connection, and a client that sends its whole body before reading (urllib, requests) then sees
+    "connection reset" instead of the answer."""
+
+    def __init__(self, app: ASGIApp, limit: int, linger_bytes: int = 256 * 1024 * 1024, linger_s: float = 10.0):
         self.app = app
         self.limit = limit
+        self.linger_bytes = linger_bytes
+        self.linger_s = linger_s
 
-    async def _too_large(self, send: Callable) -> None:
-        await send_json(send, 413, {"error": {"code": "payload_too_large",
-                                              "message": f"request body exceeds {self.limit} bytes (MAX_UPLOAD_BYTES)"}},
-                        [(b"connection", b"close")])
+    async def _too_large(self, receive: Callable, send: Callable) -> None:
+        data = json.dumps({"error": {"code": "payload_too_large",
+                                     "message": f"request body exceeds {self.limit} bytes (MAX_UPLOAD_BYTES)"}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": data, "more_body": True})  # the whole answer: readable now
+        await self._discard(receive)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})  # the server closes after this
+
+    async def _discard(self, receive: Callable) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.linger_s
+        left = self.linger_bytes
+        while left > 0:
+            wait = min(end - loop.time(), LINGER_IDLE_S)
+            if wait <= 0:
+                return
+            try:
+                message = await asyncio.wait_for(receive(), wait)
+            except asyncio.TimeoutError:
+                return
+            if message["type"] != "http.request":  # the client hung up
+                return
+            left -= len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -134,28 +170,40 @@ class BodyLimitMiddleware:
             except ValueError:
                 too_big = False
             if too_big:
-                return await self._too_large(send)
+                return await self._too_large(receive, send)
         received = 0
+        exceeded = False  # the body crossed the limit: the app's read was aborted
+        body_done = False  # the last body message has been read
         started = False
 
         async def _receive() -> dict[str, Any]:
-            nonlocal received
+            nonlocal received, exceeded, body_done
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.limit:
+                    exceeded = True
                     raise BodyTooLarge()
             return message
 
         async def _send(message: dict[str, Any]) -> None:
             nonlocal started
+            if exceeded and not started:
+                return  # the app answered a body it could not read (a framework may turn the abort into a 400)
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
         try:
             await self.app(scope, _receive, _send)
-        except BodyTooLarge:
-            if started:
+        except Exception:  # BodyTooLarge, or whatever the app made of it
+            if started or not exceeded:
                 raise
-            await self._too_large(send)
+        if exceeded and not started:
+            await self._too_large(_drained if body_done else receive, send)
+
+
+async def _drained() -> dict[str, Any]:
+    """`receive` of a request whose body has all been read: nothing left to discard."""
+    return {"type": "http.request", "body": b"", "more_body": False}

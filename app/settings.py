@@ -78,6 +78,16 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         20 * 1024 * 1024, ge=1, description="Largest request body, enforced while it streams in (413 beyond)."
     )
+    linger_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        description="After a 413 for an oversize body, how much more of it is read and thrown away before the "
+        "connection closes, so that clients which send the whole body before reading (urllib, requests) get the "
+        "answer rather than a connection reset (nginx's lingering close).",
+    )
+    linger_s: float = Field(
+        10.0, ge=0, description="The most seconds spent discarding an oversize body after its 413 (and 5 s without data)."
+    )
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Largest decoded image (width x height); bigger images (decompression bombs) get 413."
     )

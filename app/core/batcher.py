@@ -237,6 +237,7 @@ class Batcher:
             if self.metrics is not None:
                 self.metrics.batch_size.labels(self.name).observe(run.size)
                 self.metrics.inference.labels(self.name).observe(run.seconds)
+                self.metrics.stats.model(self.name).execution(run.size, run.seconds)
         for oc in run.outcomes:
             item = oc.item
             if oc.kind == "gone" or item.future.done():
@@ -248,6 +249,10 @@ class Batcher:
             queue_s = run.started - item.enqueued
             if self.metrics is not None:
                 self.metrics.queue_wait.labels(self.name).observe(queue_s)
+                stats = self.metrics.stats.model(self.name)
+                stats.queue.add(queue_s)
+                if oc.kind == "ok":
+                    stats.compute_infer.add(run.seconds)
             if oc.kind == "ok":
                 item.future.set_result(ItemResult(oc.value, run.size, queue_s, run.seconds))
             else:

@@ -92,8 +92,11 @@ class Service:
             if self.inflight == 0:
                 self._idle.set()
             self.metrics.inflight.labels(endpoint).dec()
+            elapsed = time.perf_counter() - call.started
             self.metrics.requests.labels(endpoint, call.model, str(call.status)).inc()
-            self.metrics.request_duration.labels(endpoint, call.model).observe(time.perf_counter() - call.started)
+            self.metrics.request_duration.labels(endpoint, call.model).observe(elapsed)
+            if call.model:
+                self.metrics.stats.model(call.model).request(call.status == 200, elapsed)
 
     # -- execution -----------------------------------------------------------------------------
     async def _prepare(self, entry: ModelEntry, task: Task, item: Item) -> tuple[Prepared, float]:
@@ -102,7 +105,9 @@ class Service:
         t0 = time.perf_counter()
         prepared = await loop.run_in_executor(self.pool, ctx.run, preprocess.prepare, entry, task, item,
                                               self.metrics)
-        return prepared, time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.metrics.stats.model(entry.name).compute_input.add(seconds)
+        return prepared, seconds
 
     async def run_items(self, request_id: str, disconnected: Callable[[], Awaitable[Any]], task: Task,
                         entry: ModelEntry, items: list[Item], deadline: float) -> list[ItemOutcome]:
@@ -143,9 +148,11 @@ class Service:
             if oc.error is not None or oc.result is None:
                 continue
             try:
+                t0 = time.perf_counter()
                 body = task.postprocess(manifest, oc.prepared.meta, oc.prepared.features, oc.result.output,
                                         items[i].text, items[i].top_k)
                 oc.body = {"model": entry.name, "version": entry.version, **body}
+                self.metrics.stats.model(entry.name).compute_output.add(time.perf_counter() - t0)
             except Exception:  # noqa: BLE001
                 log.exception("postprocessing failed")
                 oc.error = InternalError("postprocessing failed", request_id=request_id)
