@@ -77,8 +77,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from app import rest, v2
     app.include_router(rest.build_router(service, max_upload_bytes=settings.max_upload_bytes,
                                          max_batch_items=settings.max_batch_items))
-    # Open Inference Protocol (KServe v2), JSON form
-    app.include_router(v2.build_router(service, backend=settings.backend, max_batch_items=settings.max_batch_items))
+    # Open Inference Protocol (KServe v2): JSON and binary tensors
+    app.include_router(v2.build_router(service, backend=settings.backend, max_batch_items=settings.max_batch_items,
+                                       max_upload_bytes=settings.max_upload_bytes))
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Any:
@@ -100,10 +101,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     # outermost first: request id / catch-all -> API keys -> body limit -> routes
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes, linger_bytes=settings.linger_bytes,
-                       linger_s=settings.linger_s)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
     app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(v2.V2ErrorShape)  # outermost: every /v2 error answer in the v2 shape
     return app
 
 
