@@ -101,7 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     # outermost first: request id / catch-all -> API keys -> body limit -> routes
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes, linger_bytes=settings.linger_bytes,
+                       linger_s=settings.linger_s)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(v2.V2ErrorShape)  # outermost: every /v2 error answer in the v2 shape
