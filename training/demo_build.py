@@ -156,12 +156,26 @@ def _export_validated(run_dir: Path, staging: Path, name: str, data_dir: Path, p
     return target
 
 
-def _install(staging: Path, repository: Path, todo: list[str]) -> None:
-    for task in todo:
-        swap_in(staging / DEMO_MODELS[task], repository / DEMO_MODELS[task])
-    remaining = {t: p for t, p in check_repository(repository).items() if p}
-    if remaining:
-        raise DemoBuildError(f"after install: {remaining}")
+def _export_and_install(progress: Progress, repository: Path, runs: dict[str, Path], data_dir: Path,
+                        validate_parity: bool, say: Callable[[str], None], metrics: dict[str, Any], threads: int) -> None:
+    """Export and validate every run in a staging directory, then swap them all into `repository` and
+    write the metrics: a failure leaves the repository's models as they were."""
+    with _staging(repository) as staging:
+        for task, run_dir in runs.items():
+            name = DEMO_MODELS[task]
+            with progress.stage(f"export {name} (ONNX + TorchScript, parity vs PyTorch)"):
+                target = _export_validated(run_dir, staging, name, data_dir / task, validate_parity, say)
+                say(f"    validated {target.relative_to(repository)}")
+        with progress.stage(f"install into {repository}"):
+            for task in runs:
+                swap_in(staging / DEMO_MODELS[task], repository / DEMO_MODELS[task])
+            remaining = {t: p for t, p in check_repository(repository).items() if p}
+            if remaining:
+                raise DemoBuildError(f"after install: {remaining}")
+            metrics["built_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            metrics["build_seconds"] = round(progress.elapsed(), 1)
+            metrics["threads"] = threads
+            write_metrics(repository, metrics)
 
 
 # ----------------------------------------------------------------------------- the build
@@ -198,9 +212,9 @@ def build_demo(
         if metrics:
             say(format_table(metrics))
         return BuildResult(repository, [], metrics, time.perf_counter() - started)
-    if not force:
-        for task in todo:
-            say(f"{DEMO_MODELS[task]}: {problems[task][0]}" + (f" (+{len(problems[task]) - 1} more)" if len(problems[task]) > 1 else ""))
+    for task in todo if not force else []:
+        more = f" (+{len(problems[task]) - 1} more)" if len(problems[task]) > 1 else ""
+        say(f"{DEMO_MODELS[task]}: {problems[task][0]}{more}")
 
     threads = threads or _pick_threads()
     baseline_runs = BASELINES if baselines and "classify" in todo else {}
@@ -222,18 +236,7 @@ def build_demo(
                        lambda task, modalities: run_settings(task, modalities, encoders, max_train_samples, threads,
                                                              audio_encoder))
 
-    with _staging(repository) as staging:
-        for task in todo:
-            name = DEMO_MODELS[task]
-            with progress.stage(f"export {name} (ONNX + TorchScript, parity vs PyTorch)"):
-                target = _export_validated(runs[task], staging, name, data_dir / task, validate_parity, say)
-                say(f"    validated {target.relative_to(repository)}")
-        with progress.stage(f"install into {repository}"):
-            _install(staging, repository, todo)
-            metrics["built_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            metrics["build_seconds"] = round(progress.elapsed(), 1)
-            metrics["threads"] = threads
-            write_metrics(repository, metrics)
+    _export_and_install(progress, repository, runs, data_dir, validate_parity, say, metrics, threads)
 
     say("")
     say(format_table(metrics))
