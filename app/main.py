@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.errors import ServingError
 from app.core.loading import LoadOptions
+from app.core.model_control import ModelControl
 from app.core.registry import Registry
 from app.core.service import Service
 from app.errors import ApiError, api_error, error_response
@@ -44,7 +45,11 @@ def build_service(s: Settings, metrics: Metrics) -> Service:
     registry = Registry(s.repository, metrics, pinned=s.model_versions, load=load,
                         max_delay_s=s.max_delay_ms / 1000.0, queue_size=s.queue_size,
                         strict_readiness=s.strict_readiness)
-    return Service(registry, metrics, preprocess_workers=s.preprocess_workers, request_timeout_s=s.request_timeout_s)
+    control = ModelControl(registry, mode=s.model_control, poll_interval_s=s.poll_interval_s, bind_host=s.host,
+                           allow_remote=s.allow_remote_model_control,
+                           drain_timeout_s=s.request_timeout_s + s.shutdown_timeout_s)
+    return Service(registry, metrics, preprocess_workers=s.preprocess_workers, request_timeout_s=s.request_timeout_s,
+                   control=control)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -58,12 +63,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("starting mmserve", extra={"settings": settings.public()})
         service.start()
         registry.scan()
+        grpc_server = None
+        if settings.grpc_port:  # gRPC front-end (app/grpc_server.py) on this event loop, over the same service
+            from app.grpc_server import GrpcServer
+
+            grpc_server = GrpcServer(service, host=settings.host, port=settings.grpc_port, backend=settings.backend,
+                                     max_batch_items=settings.max_batch_items,
+                                     max_message_bytes=settings.max_upload_bytes, api_keys=settings.api_keys)
+            await grpc_server.start()
+        app.state.grpc = grpc_server
         loader = asyncio.create_task(registry.load_all(), name="model-loader")
         try:
             yield
         finally:
             log.info("shutting down: draining in-flight requests and batches")
             registry.draining = True
+            if grpc_server is not None:  # no new RPCs; running ones are answered
+                await grpc_server.stop(settings.shutdown_timeout_s)
             if not loader.done():
                 loader.cancel()
                 await asyncio.gather(loader, return_exceptions=True)
@@ -80,6 +96,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Open Inference Protocol (KServe v2): JSON and binary tensors
     app.include_router(v2.build_router(service, backend=settings.backend, max_batch_items=settings.max_batch_items,
                                        max_upload_bytes=settings.max_upload_bytes))
+    from app import v2_repository  # model repository extension: index, load, unload (MODEL_CONTROL)
+    app.include_router(v2_repository.build_router(service))
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Any:

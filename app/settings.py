@@ -49,6 +49,19 @@ class Settings(BaseSettings):
         description="When true, /readyz stays 503 while any model has failed. When false (default), /readyz is 200 "
         "once every model has been tried and at least one is ready; failed models are listed in the body.",
     )
+    model_control: Literal["none", "explicit", "poll"] = Field(
+        "none",
+        description="`none`: every model is loaded at start-up and `/v2/repository/models/{m}/load` / `unload` "
+        "answer 403. `explicit`: models load and unload through those endpoints. `poll`: the repository is also "
+        "watched every POLL_INTERVAL_S: a new version directory is validated, loaded, warmed and swapped in. "
+        "A new version always warms while the old one serves (hot reload), and one that fails never replaces it.",
+    )
+    poll_interval_s: float = Field(5.0, gt=0, description="How often MODEL_CONTROL=poll looks at the repository.")
+    allow_remote_model_control: bool = Field(
+        False,
+        description="Model load / unload are refused when HOST is not a loopback address unless this is true "
+        "(then set API_KEYS too: with keys set, every /v2 route needs one).",
+    )
 
     # -- batching -------------------------------------------------------------------------------
     max_batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
@@ -103,6 +116,21 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Python logging level name.")
     host: str = Field("0.0.0.0", description="Address `mmserve serve` binds.")
     port: int = Field(8000, ge=0, le=65535, description="Port `mmserve serve` binds.")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the gRPC front-end (Open Inference Protocol `inference.GRPCInferenceService`, as "
+        "Triton's), bound on HOST in the same process; 0 turns it off. Messages are limited to MAX_UPLOAD_BYTES.",
+    )
+    drain_period_s: float = Field(
+        5.0,
+        ge=0,
+        description="On SIGTERM, readiness turns false at once and requests are still served for this long (time for "
+        "load balancers and Kubernetes' endpoint removal to stop sending here; responses carry `Connection: close`); "
+        "then the listener closes, connections already in its backlog get 503 + Retry-After, and in-flight "
+        "requests finish. A second signal cuts it short. (`mmserve serve` / `python -m app`.)",
+    )
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long to wait for accepted requests to be answered before exiting."
     )

@@ -96,3 +96,27 @@ class ClientGone(ServingError):
 
     def __init__(self) -> None:
         super().__init__("client closed the connection before the answer")
+
+
+class ControlDisabled(ServingError):
+    """Model control is off (MODEL_CONTROL=none): load and unload are refused."""
+
+    code = "model_control_disabled"
+
+
+class ControlForbidden(ServingError):
+    """Model control asked on a non-loopback bind without the operator's opt-in."""
+
+    code = "forbidden"
+
+
+class InvalidModelName(ServingError):
+    """A model name that cannot name a model directory (path separators, '..', control characters...)."""
+
+    code = "invalid_model_name"
+
+
+class ModelLoadFailed(ServingError):
+    """A load through model control failed validation, loading or warm-up; what was serving keeps serving."""
+
+    code = "model_load_failed"

@@ -26,6 +26,7 @@ from models.manifest import Manifest, read_manifest, verify_files
 log = logging.getLogger("mmserve.registry")
 
 PENDING, LOADING, WARMING, READY, FAILED = "pending", "loading", "warming", "ready", "failed"
+UNLOADED = "unloaded"  # retired by model control (replaced by a new version, or unloaded), drained, closed
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class ModelEntry:
     load_seconds: float | None = None
     warmup_seconds: float | None = None
     pad_id: int = 0
+    active: int = 0  # requests running on this entry (`Service.run_items`); a replaced entry drains to 0
+    retired: bool = False  # replaced (hot reload) or unloaded: no new request may start on it
 
     @property
     def task(self) -> str | None:
@@ -80,40 +83,50 @@ class ModelEntry:
 
 
 # ------------------------------------------------------------------------------------ discovery
+def list_models(repository: Path) -> dict[str, Path]:
+    """The model directories of the repository by name (export's temporary directories, names starting with
+    '.' or '_', are not models). The only source of model paths: names from requests are looked up here,
+    never joined into paths."""
+    if not repository.is_dir():
+        return {}
+    return {d.name: d for d in sorted(repository.iterdir()) if d.is_dir() and not d.name.startswith((".", "_"))}
+
+
+def list_versions(model_dir: Path) -> list[int]:
+    return sorted(int(v.name) for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit())
+
+
+def version_entry(name: str, model_dir: Path, version: int | None) -> ModelEntry:
+    """An entry for `version` (None: the latest) of the model in `model_dir`, its manifest read; FAILED with
+    the reason when it cannot be served."""
+    versions = list_versions(model_dir)
+    entry = ModelEntry(name, version, None)
+    if version is not None and version not in versions:
+        entry.state, entry.reason = FAILED, f"pinned version {version} not found (have {versions})"
+    elif version is None and not versions:
+        entry.state, entry.reason = FAILED, "no version directory"
+    else:
+        entry.version = version if version is not None else versions[-1]
+        entry.directory = model_dir / str(entry.version)
+        try:  # read now so the task is known while the model loads
+            entry.manifest = read_manifest(entry.directory)
+        except Exception as exc:  # noqa: BLE001
+            entry.state, entry.reason = FAILED, f"invalid manifest: {type(exc).__name__}: {exc}"
+    return entry
+
+
 def discover(repository: Path, pinned: dict[str, int]) -> dict[str, ModelEntry]:
     """One entry per model directory (its pinned or latest version, manifest read) and per pinned model
     that is absent; entries that cannot be served are already FAILED with their reason."""
     pinned = dict(pinned)
     entries: dict[str, ModelEntry] = {}
-
-    def failed(entry: ModelEntry, reason: str) -> ModelEntry:
-        entry.state, entry.reason = FAILED, reason
-        return entry
-
-    if repository.is_dir():
-        for model_dir in sorted(repository.iterdir()):
-            if not model_dir.is_dir() or model_dir.name.startswith((".", "_")):
-                continue  # export's temporary directories start with '.'
-            name = model_dir.name
-            versions = sorted(int(v.name) for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit())
-            version = pinned.pop(name, None)
-            entry = entries[name] = ModelEntry(name, version, None)
-            if version is not None and version not in versions:
-                failed(entry, f"pinned version {version} not found (have {versions})")
-            elif version is None and not versions:
-                failed(entry, "no version directory")
-            else:
-                entry.version = version if version is not None else versions[-1]
-                entry.directory = model_dir / str(entry.version)
-                try:  # read now so the task is known while the model loads
-                    entry.manifest = read_manifest(entry.directory)
-                except Exception as exc:  # noqa: BLE001
-                    failed(entry, f"invalid manifest: {type(exc).__name__}: {exc}")
-    else:
+    if not repository.is_dir():
         log.error("model repository %s does not exist", repository)
+    for name, model_dir in list_models(repository).items():
+        entries[name] = version_entry(name, model_dir, pinned.pop(name, None))
     for name, version in pinned.items():  # pinned but absent
-        entries[name] = failed(ModelEntry(name, version, None),
-                               f"pinned in MODEL_VERSIONS but not in repository {repository}")
+        entries[name] = ModelEntry(name, version, None, state=FAILED,
+                                   reason=f"pinned in MODEL_VERSIONS but not in repository {repository}")
     return entries
 
 

@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from app.core import preprocess
 from app.core.batcher import ItemResult, Prepared
@@ -20,6 +20,9 @@ from app.core.loading import ModelEntry
 from app.core.registry import Registry
 from app.metrics import Metrics
 from app.tasks import Task
+
+if TYPE_CHECKING:
+    from app.core.model_control import ModelControl
 
 log = logging.getLogger("mmserve.service")
 
@@ -46,8 +49,9 @@ class Call:
 
 class Service:
     def __init__(self, registry: Registry, metrics: Metrics, *, preprocess_workers: int = 4,
-                 request_timeout_s: float = 30.0):
+                 request_timeout_s: float = 30.0, control: ModelControl | None = None):
         self.registry = registry
+        self.control = control  # model repository extension (index, load, unload, poll); front-ends share it
         self.metrics = metrics
         self.preprocess_workers = preprocess_workers
         self.request_timeout_s = request_timeout_s
@@ -59,10 +63,14 @@ class Service:
         self.pool = ThreadPoolExecutor(self.preprocess_workers, thread_name_prefix="preprocess")
         self._idle = asyncio.Event()
         self._idle.set()
+        if self.control is not None:
+            self.control.start()  # the repository poller, in MODEL_CONTROL=poll
 
     async def stop(self, timeout: float) -> None:
         """Stop admitting, wait for accepted requests, drain batchers (graceful shutdown)."""
         self.registry.draining = True
+        if self.control is not None:
+            await self.control.stop()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except (asyncio.TimeoutError, TimeoutError):
@@ -112,7 +120,23 @@ class Service:
     async def run_items(self, request_id: str, disconnected: Callable[[], Awaitable[Any]], task: Task,
                         entry: ModelEntry, items: list[Item], deadline: float) -> list[ItemOutcome]:
         """Run items independently (each may fail alone); waits for all, or for `disconnected()` to return
-        (the client has gone)."""
+        (the client has gone).
+
+        Call it right after `registry.choose` (no await in between): the request then counts on the entry it
+        chose until it is answered, so a hot reload or unload drains that entry only after it. Should the
+        entry have been replaced meanwhile, the request runs on its successor."""
+        try:
+            entry = self.registry.current(entry)
+        except ServingError as err:
+            return [ItemOutcome(error=err) for _ in items]
+        entry.active += 1
+        try:
+            return await self._run_items(request_id, disconnected, task, entry, items, deadline)
+        finally:
+            entry.active -= 1
+
+    async def _run_items(self, request_id: str, disconnected: Callable[[], Awaitable[Any]], task: Task,
+                         entry: ModelEntry, items: list[Item], deadline: float) -> list[ItemOutcome]:
         outcomes = [ItemOutcome() for _ in items]
 
         async def prepare(i: int, item: Item) -> None:
