@@ -63,12 +63,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("starting mmserve", extra={"settings": settings.public()})
         service.start()
         registry.scan()
+        grpc_server = None
+        if settings.grpc_port:  # gRPC front-end (app/grpc_server.py) on this event loop, over the same service
+            from app.grpc_server import GrpcServer
+
+            grpc_server = GrpcServer(service, host=settings.host, port=settings.grpc_port, backend=settings.backend,
+                                     max_batch_items=settings.max_batch_items,
+                                     max_message_bytes=settings.max_upload_bytes, api_keys=settings.api_keys)
+            await grpc_server.start()
+        app.state.grpc = grpc_server
         loader = asyncio.create_task(registry.load_all(), name="model-loader")
         try:
             yield
         finally:
             log.info("shutting down: draining in-flight requests and batches")
             registry.draining = True
+            if grpc_server is not None:  # no new RPCs; running ones are answered
+                await grpc_server.stop(settings.shutdown_timeout_s)
             if not loader.done():
                 loader.cancel()
                 await asyncio.gather(loader, return_exceptions=True)

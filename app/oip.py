@@ -43,7 +43,7 @@ EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "st
 # v2 status of the core's errors: request faults are 400 except these; 5xx keep theirs (and Retry-After)
 STATUS = {"model_not_found": 404, "no_model_for_task": 404, "media_too_large": 413, "unsupported_media_type": 415,
           "model_failed": 503, "not_ready": 503, "overloaded": 503, "timeout": 504, "inference_failed": 500,
-          "internal_error": 500, "client_disconnected": 499}
+          "internal_error": 500, "client_disconnected": 499, "model_control_disabled": 403, "forbidden": 403}
 
 
 class OipError(Exception):

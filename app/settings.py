@@ -116,6 +116,13 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Python logging level name.")
     host: str = Field("0.0.0.0", description="Address `mmserve serve` binds.")
     port: int = Field(8000, ge=0, le=65535, description="Port `mmserve serve` binds.")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the gRPC front-end (Open Inference Protocol `inference.GRPCInferenceService`, as "
+        "Triton's), bound on HOST in the same process; 0 turns it off. Messages are limited to MAX_UPLOAD_BYTES.",
+    )
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long to wait for accepted requests to be answered before exiting."
     )
