@@ -1,7 +1,8 @@
 """`python -m app` / `mmserve serve`: uvicorn with the settings' host and port and a graceful shutdown.
 
-On SIGTERM/SIGINT uvicorn stops accepting connections, lets in-flight requests finish (up to
-SHUTDOWN_TIMEOUT_S), then the app's lifespan drains the batchers and releases the models.
+On SIGTERM/SIGINT readiness turns false, requests are still served for DRAIN_PERIOD_S, then the listener closes
+with every connection already in its backlog answered (503 + Retry-After), in-flight requests finish (up to
+SHUTDOWN_TIMEOUT_S), and the app's lifespan drains the batchers and releases the models (`app/server.py`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def serve(args: argparse.Namespace | None = None) -> None:
 
     from app.logging import configure_logging
     from app.main import create_app
+    from app.server import DrainingServer
     from app.settings import Settings
 
     overrides = {k: v for k, v in vars(args or argparse.Namespace()).items()
@@ -36,7 +38,13 @@ def serve(args: argparse.Namespace | None = None) -> None:
                             lifespan="on", timeout_graceful_shutdown=settings.shutdown_timeout_s,
                             server_header=False, proxy_headers=False,
                             log_level=settings.log_level.lower())
-    uvicorn.Server(config).run()
+    registry = app.state.service.registry
+
+    def unready() -> None:
+        registry.leaving = True
+
+    DrainingServer(config, drain_period_s=settings.drain_period_s, on_drain=unready, linger_bytes=settings.linger_bytes,
+                   linger_s=settings.linger_s).run_owned()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

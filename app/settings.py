@@ -123,6 +123,14 @@ class Settings(BaseSettings):
         description="Port of the gRPC front-end (Open Inference Protocol `inference.GRPCInferenceService`, as "
         "Triton's), bound on HOST in the same process; 0 turns it off. Messages are limited to MAX_UPLOAD_BYTES.",
     )
+    drain_period_s: float = Field(
+        5.0,
+        ge=0,
+        description="On SIGTERM, readiness turns false at once and requests are still served for this long (time for "
+        "load balancers and Kubernetes' endpoint removal to stop sending here; responses carry `Connection: close`); "
+        "then the listener closes, connections already in its backlog get 503 + Retry-After, and in-flight "
+        "requests finish. A second signal cuts it short. (`mmserve serve` / `python -m app`.)",
+    )
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long to wait for accepted requests to be answered before exiting."
     )

@@ -33,6 +33,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         e = dict(os.environ, MMSERVE_REPOSITORY=str(repo), MMSERVE_HOST="127.0.0.1", MMSERVE_PORT=str(self.port),
                  MMSERVE_LOG_FORMAT="json", MMSERVE_INTRA_OP_THREADS="1", TEST_INFERENCE_DELAY_MS=str(delay_ms),
+                 MMSERVE_DRAIN_PERIOD_S="0.3",
                  PYTHONPATH=str(ROOT))
         e.update({f"MMSERVE_{k.upper()}": str(v) for k, v in env.items()})
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"mmserve-{self.port}.log", "w+")

@@ -40,6 +40,7 @@ class Registry:
         self.retiring: set[ModelEntry] = set()  # replaced or withdrawn entries still draining
         self.loading_done = False
         self.draining = False
+        self.leaving = False  # SIGTERM seen: readiness false while requests are still served (the drain period)
 
     # -- discovery and loading -----------------------------------------------------------------
     def scan(self) -> list[ModelEntry]:
@@ -193,12 +194,12 @@ class Registry:
         states = {e.name: e.state for e in self.entries.values()}
         failed = {e.name: e.reason for e in self.entries.values() if e.state == FAILED}
         ready_n = sum(s == READY for s in states.values())
-        ok = self.loading_done and ready_n > 0 and not self.draining
+        ok = self.loading_done and ready_n > 0 and not self.draining and not self.leaving
         ok = ok and all(s in (READY, FAILED) for s in states.values())
         if self.strict_readiness and failed:
             ok = False
         body = {"ready": ok, "models": states, "failed": failed}
-        if self.draining:
+        if self.draining or self.leaving:
             body["draining"] = True
         return ok, body
 
