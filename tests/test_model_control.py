@@ -256,8 +256,8 @@ def test_poll_mode_swaps_in_new_versions_and_models(repo, servers):
     with httpx.Client(base_url=server.url, timeout=30) as c:
         assert classify(c).json()["version"] == 2
         add_version(repo, "tiny-classify", 3, seed=8, tamper=corrupt_onnx)  # broken: 2 keeps serving
-        rows = wait_for(lambda r: ("tiny-classify", "3") in r, "version 3 failure")
-        assert rows[("tiny-classify", "3")]["state"] == "UNAVAILABLE"
+        rows = wait_for(lambda r: r.get(("tiny-classify", "3"), {}).get("state") == "UNAVAILABLE",
+                        "version 3 failure")  # LOADING first, while it is verified
         assert "sha256" in rows[("tiny-classify", "3")]["reason"]
         assert rows[("tiny-classify", "2")]["state"] == "READY"
         assert classify(c).json()["version"] == 2
@@ -295,6 +295,10 @@ def test_control_needs_a_key_when_keys_are_set(repo, servers):
     r = httpx.post(server.url + "/v2/repository/models/tiny-ner/unload", headers={"X-API-Key": "wrong"})
     assert r.status_code == 401
     client = triton(server)
+    with pytest.raises(InferenceServerException) as exc:
+        client.unload_model("tiny-ner")
+    assert exc.value.status() == "401" and "API key" in str(exc.value)
+    assert index(server, headers={"X-API-Key": "s3cret"})[("tiny-ner", "1")]["state"] == "READY"
     client.unload_model("tiny-ner", headers={"Authorization": "Bearer s3cret"})
     assert index(server, headers={"X-API-Key": "s3cret"})[("tiny-ner", "1")]["reason"] == "unloaded"
     client.load_model("tiny-ner", headers={"X-API-Key": "s3cret"})
@@ -318,3 +322,42 @@ def test_loopback_addresses():
         assert is_loopback(host), host
     for host in ("0.0.0.0", "::", "10.0.0.1", "192.168.1.2", "example.com", "", None, "127.0.0.1.nip.io"):
         assert not is_loopback(host), host
+
+
+def test_a_request_that_chose_a_replaced_version_runs_on_its_successor(repo):
+    """The core's guarantee behind every front-end: a request holding an entry that a hot reload replaced
+    before the request reached `run_items` runs on the new version, and the old one drains after it."""
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    from app.core.items import Item
+    from app.main import create_app
+    from app.settings import Settings
+    from app.tasks import get_task
+
+    settings = Settings(repository=repo, model_control="explicit", host="127.0.0.1", grpc_port=0)
+    with TestClient(create_app(settings)) as client:
+        end = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        service = client.app.state.service
+        old = service.registry.choose("classify", "tiny-classify")
+        add_version(repo, "tiny-classify", 2, seed=7)
+
+        async def scenario():
+            await service.control.load("tiny-classify")
+            assert old.retired and service.registry.entries["tiny-classify"].version == 2
+            outs = await service.run_items("test", asyncio.Event().wait, get_task("classify"), old,
+                                           [Item("alice flew from paris")], time.monotonic() + 10)
+            for _ in range(200):  # the old version drains in the background
+                if old.state == "unloaded":
+                    break
+                await asyncio.sleep(0.01)
+            return outs
+
+        outs = client.portal.call(scenario)
+        assert outs[0].error is None and outs[0].body["version"] == 2
+        assert old.state == "unloaded" and old.active == 0 and old not in service.registry.retiring
+        assert client.post("/v1/classify", json={"text": "hi"}).json()["version"] == 2
