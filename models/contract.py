@@ -49,6 +49,7 @@ INPUTS: tuple[ContractInput, ...] = (
     ContractInput(IMAGE_PRESENT, "image", "float32", presence=True),  # [B] 1.0 / 0.0
     ContractInput(AUDIO_FEATURES, "audio", "float32"),  # [B, n_mels, frames] log-mel, zeros when absent
     ContractInput(AUDIO_PRESENT, "audio", "float32", presence=True),  # [B] 1.0 / 0.0
+    ContractInput(AUDIO_FRAMES, "audio", "int64"),  # [B] log-mel frames covering the clip (the rest is padding)
 )
 
 BY_NAME: dict[str, ContractInput] = {i.name: i for i in INPUTS}

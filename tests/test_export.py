@@ -31,7 +31,8 @@ def test_required_modalities_and_subsets():
     cfg = ModelConfig(task="classify", modalities=["image", "audio"], labels=["a"])
     subsets = parity.modality_subsets(parity.modality_infos(cfg))
     assert sorted(map(tuple, subsets)) == [("audio",), ("image",), ("image", "audio")]
-    assert input_names(["audio", "text"]) == ["input_ids", "attention_mask", "audio_features", "audio_present"]
+    assert input_names(["audio", "text"]) == ["input_ids", "attention_mask", "audio_features", "audio_present",
+                                             "audio_frames"]
 
 
 def test_compare_logits_ignores_ner_padding():

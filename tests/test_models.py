@@ -39,6 +39,8 @@ def make_inputs(model, batch=3, seq=6, image_present=None, audio_present=None, s
     if model.audio_encoder is not None:
         x["audio_features"] = torch.randn(batch, 40, 200, generator=g)
         x["audio_present"] = audio_present if audio_present is not None else (torch.arange(batch) % 3 != 1).float()
+        # clips of different lengths inside the 200-frame window; 0 where absent
+        x["audio_frames"] = (torch.randint(1, 201, (batch,), generator=g) * (x["audio_present"] > 0)).long()
     if model.text_encoder is None:  # a model without text needs a present modality on every record
         x.get("image_present", x.get("audio_present"))[:] = 1.0
     return x

@@ -291,14 +291,15 @@ def test_encode_words_maps_tokens_to_words(pre):
 
 def test_collate_pads_text_and_flags_missing_media(pre, spec):
     image = pre.image_from_bytes(image_bytes())
-    audio = pre.audio_from_bytes(audio_bytes())
+    audio, frames = pre.audio_clip(audio_bytes())
     a = pre.encode_text("The cat sat on the mat.")
     a.pixel_values = image
     b = pre.encode_text("Paris")
-    b.audio_features = audio
+    b.audio_features, b.audio_frames = audio, frames
     batch = collate([a, b], ["audio", "text", "image"], spec, pad_id=pre.pad_id)
     assert list(batch) == [
         "input_ids", "attention_mask", "pixel_values", "image_present", "audio_features", "audio_present",
+        "audio_frames",
     ]
     n = len(a.input_ids)
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, n)
@@ -311,12 +312,21 @@ def test_collate_pads_text_and_flags_missing_media(pre, spec):
     assert batch["audio_features"].shape == (2, 80, 100)
     assert batch["audio_present"].tolist() == [0.0, 1.0]
     np.testing.assert_array_equal(batch["audio_features"][1], audio)
+    assert batch["audio_frames"].tolist() == [0, frames] and batch["audio_frames"].dtype == np.int64
+
+
+def test_audio_clip_counts_the_frames_that_cover_the_clip(pre, spec):
+    half = pre.audio_clip_from_waveform(np.full(8000, 0.1, np.float32), 16_000)  # 0.5 s of a 1 s window
+    assert half.frames == 50 and half.features.shape == (80, 100)
+    assert pre.audio_clip_from_waveform(np.full(48_000, 0.1, np.float32), 16_000).frames == 100  # cropped
+    assert pre.audio_clip_from_waveform(np.full(8000, 0.1, np.float32), 8_000).frames == 100  # resampled
 
 
 def test_collate_media_only_model_and_errors(spec):
     batch = collate([Features(), Features(audio_features=np.ones((80, 100), np.float32))], ["audio"], spec)
-    assert list(batch) == ["audio_features", "audio_present"]
+    assert list(batch) == ["audio_features", "audio_present", "audio_frames"]
     assert batch["audio_present"].tolist() == [0.0, 1.0]
+    assert batch["audio_frames"].tolist() == [0, 100]  # features without a count: every frame
     with pytest.raises(ValueError, match="text"):
         collate([Features()], ["text"], spec)
     with pytest.raises(ValueError, match="shape"):
