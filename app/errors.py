@@ -60,17 +60,23 @@ ERROR_SCHEMA = {
     "properties": {
         "error": {
             "type": "object",
-            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                           "details": {"description": "what was wrong, field by field (validation errors)"},
+                           "request_id": {"type": "string", "description": "on 500: quote it to the operator"}},
             "required": ["code", "message"],
         }
     },
+    "required": ["error"],
 }
 
 
 def openapi_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    text = {400: "Undecodable media", 401: "Missing or wrong API key", 404: "Unknown model",
-            413: "Body, image or audio too large", 415: "Unsupported media type (sniffed from bytes)",
-            422: "Missing or invalid fields", 503: "Overloaded (Retry-After) or not ready",
+    text = {400: "Undecodable media, or a body that is not valid JSON / multipart",
+            401: "Missing or wrong API key (when API_KEYS is set)", 404: "Unknown model, or no model serves the task",
+            413: "Body, image or audio too large", 415: "Unsupported media type (sniffed from bytes), or Content-Type",
+            422: "Missing or invalid fields: a field the model needs is missing, one it does not take is present "
+                 "(see each model's request schema), a model of another task is named",
+            503: "Overloaded (Retry-After) or not ready",
             504: "Deadline exceeded before inference", 500: "Internal error (no details leaked)"}
     return {s: {"description": text.get(s, "Error"), "content": {"application/json": {"schema": ERROR_SCHEMA}}}
             for s in statuses}

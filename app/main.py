@@ -93,6 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from app import rest, v2
     app.include_router(rest.build_router(service, max_upload_bytes=settings.max_upload_bytes,
                                          max_batch_items=settings.max_batch_items))
+    from app import rest_openapi  # /v1 request bodies in OpenAPI written from the served models' manifests
+    rest_openapi.install(app, service, max_batch_items=settings.max_batch_items)
     # Open Inference Protocol (KServe v2): JSON and binary tensors
     app.include_router(v2.build_router(service, backend=settings.backend, max_batch_items=settings.max_batch_items,
                                        max_upload_bytes=settings.max_upload_bytes))

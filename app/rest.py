@@ -10,6 +10,7 @@ import numpy as np
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -38,6 +39,17 @@ def _example_media() -> tuple[str, str]:
 
 
 _PNG, _WAV = _example_media()
+
+
+class Health(BaseModel):
+    status: str = Field(description="always `ok`: the process answers")
+
+
+class Readiness(BaseModel):
+    ready: bool
+    models: dict[str, str] = Field(description="state of each model (pending, loading, ready, failed...)")
+    failed: dict[str, str | None] = Field(description="the reason of each failed model")
+    draining: bool | None = Field(None, description="present (true) once shutdown has begun")
 
 
 def _request_body(task: Task) -> dict[str, Any]:
@@ -227,12 +239,13 @@ def build_router(service: Service, *, max_upload_bytes: int, max_batch_items: in
     for task in TASKS.values():
         add_task_routes(task)
 
-    @router.get("/v1/models", tags=["models"], summary="Served models and their state")
+    @router.get("/v1/models", tags=["models"], summary="Served models and their state",
+                responses=openapi_errors(401))
     async def list_models() -> dict[str, Any]:
         return {"models": [describe(e) for e in registry.entries.values()]}
 
     @router.get("/v1/models/{name}", tags=["models"], summary="One model: manifest metadata, labels, tensors, "
-                "device, provider, backend, state", responses=openapi_errors(404))
+                "device, provider, backend, state", responses=openapi_errors(401, 404, 422))
     async def get_model(name: str) -> Response:
         entry = registry.entries.get(name)
         if entry is None:
@@ -240,19 +253,23 @@ def build_router(service: Service, *, max_upload_bytes: int, max_batch_items: in
                             f"no model named '{name}'; available: {sorted(registry.entries)}").response()
         return JSONResponse(describe(entry, detail=True))
 
-    @router.get("/healthz", tags=["probes"], summary="Liveness: the process answers")
+    @router.get("/healthz", tags=["probes"], summary="Liveness: the process answers", response_model=Health)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @router.get("/readyz", tags=["probes"], summary="Readiness: models loaded and warm",
                 description="200 once every model has been tried and at least one is ready (failed models are "
                 "listed under `failed`; with STRICT_READINESS any failed model keeps it 503). 503 while loading, "
-                "when nothing could load, and while shutting down.")
+                "when nothing could load, and while shutting down (`draining`).", response_model=Readiness,
+                responses={503: {"description": "Not ready (the same body)",
+                                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Readiness"}}}}})
     async def readyz() -> Response:
         ok, body = registry.readiness()
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @router.get("/metrics", tags=["probes"], summary="Prometheus metrics", response_class=Response)
+    @router.get("/metrics", tags=["probes"], summary="Prometheus metrics", response_class=Response,
+                responses={200: {"description": "Prometheus text exposition format",
+                                 "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -96,16 +96,18 @@ async def _parse_form(request: Request, task: Task, max_upload: int) -> Parsed:
                 # an empty part with an empty filename is an HTML form's "no file chosen": absent. Any other
                 # empty upload reaches the core as b"", which refuses it by name (check_input)
                 values[key] = None if not data and not v.filename else data
-            elif isinstance(v, str):  # a text field: accept base64, as in JSON
-                values[key] = decode_b64(v, key) if v else None
+            elif isinstance(v, str):  # a text field: accept base64, as in JSON (empty: refused as empty)
+                values[key] = decode_b64(v, key)
         for key in (text_field, "model"):
             v = values.get(key)
             if v is not None and not isinstance(v, str):
                 raise InvalidInput(f"form field '{key}' must be text, not a file")
         ints: dict[str, int | None] = {}
+        if values.get("model") == "":
+            raise InvalidInput("form field 'model' must name a model (or be left out)")
         for key, lo in (("top_k", 1), ("timeout_ms", 1)):
             v = values.get(key)
-            if v in (None, ""):
+            if v is None:
                 ints[key] = None
                 continue
             try:

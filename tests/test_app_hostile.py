@@ -91,8 +91,18 @@ def test_zero_byte_multipart_upload_is_refused_by_name(client, field):
 
 
 def test_html_form_without_a_chosen_file_is_no_file(client):
-    r = client.post("/v1/classify", data={"text": "x"}, files={"image": ("", b"", "application/octet-stream")})
+    # what a browser sends for an <input type=file> left empty: a part with filename="" and no bytes
+    body = (b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\nx\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="image"; filename=""\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n\r\n--b--\r\n")
+    r = client.post("/v1/classify", content=body, headers={"content-type": "multipart/form-data; boundary=b"})
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("field", ["image", "audio", "top_k", "timeout_ms", "model"])
+def test_empty_form_fields_are_refused_by_name(client, field):
+    r = client.post("/v1/classify", data={"text": "x", field: ""})
+    assert r.status_code == 422 and f"'{field}'" in r.json()["error"]["message"], r.text
 
 
 @pytest.mark.parametrize("field", ["image", "audio"])

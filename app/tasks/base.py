@@ -9,20 +9,31 @@ them branches on the task name.
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.core.items import Item
 
 
 # ------------------------------------------------------------------------------ request models
+def _json_integer(value: Any) -> Any:
+    """An integer as JSON Schema says it (3 or 3.0), not `true` or "3" (which lax pydantic would take)."""
+    if isinstance(value, (bool, str)):
+        raise ValueError("must be an integer")
+    return value
+
+
+TopK = Annotated[int, Field(ge=1, le=1000), BeforeValidator(_json_integer)]
+TimeoutMs = Annotated[int, Field(gt=0), BeforeValidator(_json_integer)]
+
+
 class _Item(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image: str | None = Field(None, description="base64 (or data: URL) of a PNG/JPEG/GIF/WEBP/BMP/TIFF file")
     audio: str | None = Field(None, description="base64 (or data: URL) of a WAV/FLAC/OGG file")
-    top_k: int | None = Field(None, ge=1, le=1000, description="how many labels / answers to return")
+    top_k: TopK | None = Field(None, description="how many labels / answers to return")
 
 
 class TextItem(_Item):
@@ -35,7 +46,7 @@ class QuestionItem(_Item):
 
 class _Options(BaseModel):
     model: str | None = Field(None, description="model name; optional when one model serves the task")
-    timeout_ms: int | None = Field(None, gt=0, description="deadline for this request, at most REQUEST_TIMEOUT_S")
+    timeout_ms: TimeoutMs | None = Field(None, description="deadline for this request, at most REQUEST_TIMEOUT_S")
 
 
 class TextRequest(TextItem, _Options):
@@ -48,13 +59,13 @@ class QuestionRequest(QuestionItem, _Options):
 
 class TextBatchRequest(_Options):
     model_config = ConfigDict(extra="forbid")
-    top_k: int | None = Field(None, ge=1, le=1000, description="default top_k for every item")
+    top_k: TopK | None = Field(None, description="default top_k for every item")
     inputs: list[TextItem] = Field(..., min_length=1)
 
 
 class QuestionBatchRequest(_Options):
     model_config = ConfigDict(extra="forbid")
-    top_k: int | None = Field(None, ge=1, le=1000, description="default top_k for every item")
+    top_k: TopK | None = Field(None, description="default top_k for every item")
     inputs: list[QuestionItem] = Field(..., min_length=1)
 
 
