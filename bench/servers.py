@@ -159,6 +159,7 @@ def mmserve(repository: Path, *, name: str, max_batch_size: int | str, threads: 
         "MMSERVE_REPOSITORY": str(repository), "MMSERVE_HOST": "127.0.0.1", "MMSERVE_PORT": str(port),
         "MMSERVE_DEVICE": device, "MMSERVE_INTRA_OP_THREADS": str(threads), "MMSERVE_INTER_OP_THREADS": "1",
         "MMSERVE_MAX_BATCH_SIZE": str(max_batch_size), "MMSERVE_QUEUE_SIZE": "1024",
+        "MMSERVE_GRPC_PORT": "0",  # the benchmark drives HTTP; a fixed gRPC port would collide between servers
     })
     env.update(extra_env or {})
     s = Server(name, [sys.executable, "-m", "app"], env, "/readyz", "/v1/classify", cpus,

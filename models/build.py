@@ -39,7 +39,7 @@ def build_model(config: ModelConfig, *, pretrained: bool = True) -> FusedModel:
             config.audio_encoder, n_mels=audio.n_mels, num_frames=audio.num_frames, pretrained=pretrained
         )
     dims = {m: e.output_dim for m, e in encoders.items()}
-    fusion = FUSIONS[config.fusion](dims, config.hidden_size, config.dropout)
+    fusion = FUSIONS[config.fusion](dims, config.hidden_size, config.dropout, revision=config.fusion_revision)
     branches = len(modalities) if config.fusion == "late" else 1
     head = HEADS[config.task](config.hidden_size, len(config.labels), branches=branches, dropout=config.dropout)
     model = FusedModel(encoders.get("text"), encoders.get("image"), encoders.get("audio"), fusion, head, config.task)

@@ -28,6 +28,9 @@ class FusionOutput(NamedTuple):
     weights: torch.Tensor  # [B, M]
 
 
+MAX_POSITIONS = 1024  # media tokens with a learned position (EfficientNet 224 px: 49; Whisper 10 s: 500)
+
+
 class Projection(nn.Module):
     """[..., D] -> [..., H]: Linear, LayerNorm, dropout. Puts every encoder on the same width and scale."""
 
@@ -44,17 +47,27 @@ class Projection(nn.Module):
 class _ProjectedFusion(nn.Module):
     """Holds one Projection per modality; `project` maps encoder outputs to width H."""
 
-    def __init__(self, input_dims: dict[str, int], hidden_size: int, dropout: float):
+    def __init__(self, input_dims: dict[str, int], hidden_size: int, dropout: float, revision: int = 1):
         super().__init__()
+        self.revision = revision
         self.modalities = list(input_dims)
         self.hidden_size = hidden_size
         self.projections = nn.ModuleDict({m: Projection(d, hidden_size, dropout) for m, d in input_dims.items()})
+        # A CNN's grid cells and an audio encoder's frames arrive as a bag of tokens: without a position
+        # a cross-attending text token cannot tell "the shape on the left" from the one on the right.
+        # A learned table per media modality (zeros at start: the fusion begins as without it), cut to
+        # the sequence length, so any grid up to MAX_POSITIONS tokens works and traced shapes stay dynamic.
+        media = [m for m in input_dims if m != "text"] if revision >= 2 else []
+        self.positions = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, MAX_POSITIONS, hidden_size)) for m in media})
 
     def project(self, outputs: dict[str, EncoderOutput]) -> dict[str, EncoderOutput]:
-        return {
-            m: EncoderOutput(self.projections[m](o.sequence), o.mask, self.projections[m](o.pooled))
-            for m, o in outputs.items()
-        }
+        projected = {}
+        for m, o in outputs.items():
+            sequence = self.projections[m](o.sequence)
+            if m in self.positions:
+                sequence = sequence + self.positions[m][:, : sequence.shape[1]]
+            projected[m] = EncoderOutput(sequence, o.mask, self.projections[m](o.pooled))
+        return projected
 
 
 class _ContextTokens(nn.Module):
@@ -81,17 +94,23 @@ def _single_branch(pooled: torch.Tensor, tokens: torch.Tensor) -> FusionOutput:
 class ConcatFusion(_ProjectedFusion):
     """Concatenate present pooled vectors (absent ones zeroed) and the presence flags -> Linear -> [B, H]."""
 
-    def __init__(self, input_dims: dict[str, int], hidden_size: int, dropout: float = 0.1):
-        super().__init__(input_dims, hidden_size, dropout)
+    def __init__(self, input_dims: dict[str, int], hidden_size: int, dropout: float = 0.1, revision: int = 1):
+        super().__init__(input_dims, hidden_size, dropout, revision)
         n = len(input_dims)
-        self.mix = nn.Sequential(nn.Linear(n * hidden_size + n, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size))
+        # revision 2 adds the element-wise product of every pair of modalities: "does the caption fit the
+        # picture" is a comparison, which products make (close to) linear, where a concatenation leaves
+        # the MLP to discover it from few examples (as [u, v, u*v] in sentence-pair models)
+        self.pairs = [(a, b) for i, a in enumerate(self.modalities) for b in self.modalities[i + 1:]] if revision >= 2 else []
+        width = (n + len(self.pairs)) * hidden_size + n
+        self.mix = nn.Sequential(nn.Linear(width, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size))
         self.tokens = _ContextTokens(hidden_size)
 
     def forward(self, outputs: dict[str, EncoderOutput], present: dict[str, torch.Tensor]) -> FusionOutput:
         projected = self.project(outputs)
         flags = torch.stack([present[m] for m in self.modalities], dim=1)  # [B, M]
-        parts = [projected[m].pooled * present[m].unsqueeze(1) for m in self.modalities]
-        pooled = self.mix(torch.cat(parts + [flags], dim=1))
+        parts = {m: projected[m].pooled * present[m].unsqueeze(1) for m in self.modalities}
+        products = [parts[a] * parts[b] for a, b in self.pairs]
+        pooled = self.mix(torch.cat(list(parts.values()) + products + [flags], dim=1))
         text = projected["text"].sequence if "text" in projected else None
         return _single_branch(pooled, self.tokens(text, pooled))
 
@@ -106,8 +125,8 @@ def masked_softmax(scores: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
 class GatedFusion(_ProjectedFusion):
     """Learned per-modality gate scores from each pooled vector, softmax over present modalities -> weighted sum."""
 
-    def __init__(self, input_dims: dict[str, int], hidden_size: int, dropout: float = 0.1):
-        super().__init__(input_dims, hidden_size, dropout)
+    def __init__(self, input_dims: dict[str, int], hidden_size: int, dropout: float = 0.1, revision: int = 1):
+        super().__init__(input_dims, hidden_size, dropout, revision)
         self.gates = nn.ModuleDict({m: nn.Linear(hidden_size, 1) for m in input_dims})
         self.tokens = _ContextTokens(hidden_size)
 
@@ -155,8 +174,9 @@ class CrossAttentionFusion(_ProjectedFusion):
     then residual feed-forward, each followed by LayerNorm. pooled = mean over real text tokens.
     """
 
-    def __init__(self, input_dims: dict[str, int], hidden_size: int, dropout: float = 0.1, num_heads: int = 4):
-        super().__init__(input_dims, hidden_size, dropout)
+    def __init__(self, input_dims: dict[str, int], hidden_size: int, dropout: float = 0.1, revision: int = 1,
+                 num_heads: int = 4):
+        super().__init__(input_dims, hidden_size, dropout, revision)
         self.null_key = nn.Parameter(torch.randn(1, 1, hidden_size) * 0.02)
         if "text" not in input_dims:
             self.query = nn.Parameter(torch.randn(1, 1, hidden_size) * 0.02)

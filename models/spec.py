@@ -82,3 +82,5 @@ class ModelConfig(_Strict):
     dropout: float = 0.1
     peft: LoraSpec | None = None
     freeze_encoders: bool = False
+    # 1: as first released; 2: learned positions on image/audio tokens, pairwise products in concat fusion
+    fusion_revision: int = 1

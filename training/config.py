@@ -119,7 +119,7 @@ class TrainConfig(BaseModel):
             task=self.task, modalities=list(self.modalities), labels=labels, multi_label=multi_label,
             text_encoder=self.text_encoder, image_encoder=self.image_encoder, audio_encoder=self.audio_encoder,
             text_vocab_size=vocab_size, fusion=self.fusion, hidden_size=self.hidden_size, dropout=self.dropout,
-            peft=self.lora_spec(), freeze_encoders=self.freeze_encoders,
+            peft=self.lora_spec(), freeze_encoders=self.freeze_encoders, fusion_revision=2,
         )
 
     def save(self, path: Path) -> None:
