@@ -21,6 +21,13 @@ class Settings(BaseSettings):
         Path("model_repository"),
         description="Model repository written by `mmserve export` (NAME/VERSION/...). Every model in it is served.",
     )
+    model_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,254}$",
+        description="Name to serve a single-model REPOSITORY under: KServe's layout, where REPOSITORY (`/mnt/models`) "
+        "is one model's directory, `VERSION/manifest.json` inside it or `manifest.json` at its top. Unset: the "
+        "manifest's name. Such a layout is recognised by itself; in a NAME/VERSION repository this is ignored.",
+    )
     model_versions: dict[str, int] = Field(
         default_factory=dict,
         description='Pinned versions as JSON, e.g. `{"tiny-classify": 1}`. Unpinned models serve their latest version.',

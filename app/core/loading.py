@@ -6,8 +6,10 @@ reason). Failures are returned to the caller (`Registry`), which logs them and n
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,12 +85,40 @@ class ModelEntry:
 
 
 # ------------------------------------------------------------------------------------ discovery
+def single_model_manifest(repository: Path) -> Path | None:
+    """KServe's layout, where the repository is ONE model's directory: the manifest of its latest version
+    (`VERSION/manifest.json`, or `manifest.json` at the top); None for a NAME/VERSION repository (whose top
+    level never holds a manifest, nor version directories with one)."""
+    if (repository / "manifest.json").is_file():
+        return repository / "manifest.json"
+    for version in reversed(list_versions(repository) if repository.is_dir() else []):
+        if (repository / str(version) / "manifest.json").is_file():
+            return repository / str(version) / "manifest.json"
+    return None
+
+
+def single_model_name(repository: Path) -> str:
+    """The served name of a single-model repository: MMSERVE_MODEL_NAME (checked by Settings at start-up),
+    else the manifest's name, else the directory's name."""
+    name = os.environ.get("MMSERVE_MODEL_NAME", "").strip()
+    if name:
+        return name
+    manifest = single_model_manifest(repository)
+    try:
+        name = json.loads(manifest.read_text(encoding="utf-8"))["name"] if manifest else ""
+    except (OSError, ValueError, KeyError, TypeError):
+        name = ""
+    return name if isinstance(name, str) and name else repository.name
+
+
 def list_models(repository: Path) -> dict[str, Path]:
     """The model directories of the repository by name (export's temporary directories, names starting with
     '.' or '_', are not models). The only source of model paths: names from requests are looked up here,
-    never joined into paths."""
+    never joined into paths. A single-model repository (KServe's `/mnt/models`) is its one model."""
     if not repository.is_dir():
         return {}
+    if single_model_manifest(repository) is not None:
+        return {single_model_name(repository): repository}
     return {d.name: d for d in sorted(repository.iterdir()) if d.is_dir() and not d.name.startswith((".", "_"))}
 
 
@@ -101,6 +131,18 @@ def version_entry(name: str, model_dir: Path, version: int | None) -> ModelEntry
     the reason when it cannot be served."""
     versions = list_versions(model_dir)
     entry = ModelEntry(name, version, None)
+    if not versions and (model_dir / "manifest.json").is_file():  # one version, manifest at the top (KServe)
+        try:
+            entry.manifest = read_manifest(model_dir)
+        except Exception as exc:  # noqa: BLE001
+            entry.state, entry.reason = FAILED, f"invalid manifest: {type(exc).__name__}: {exc}"
+            return entry
+        if version is not None and version != entry.manifest.version:
+            entry.state, entry.reason = FAILED, f"pinned version {version} not found (have {[entry.manifest.version]})"
+            entry.manifest = None
+        else:
+            entry.version, entry.directory = entry.manifest.version, model_dir
+        return entry
     if version is not None and version not in versions:
         entry.state, entry.reason = FAILED, f"pinned version {version} not found (have {versions})"
     elif version is None and not versions:
@@ -147,7 +189,8 @@ class ModelLoader:
         self.on_state(entry)
         t0 = time.perf_counter()
         manifest = entry.manifest or read_manifest(entry.directory)
-        if manifest.name != entry.name or manifest.version != entry.version:
+        renamed = entry.name == os.environ.get("MMSERVE_MODEL_NAME", "").strip()  # single-model layout, MODEL_NAME
+        if (manifest.name != entry.name and not renamed) or manifest.version != entry.version:
             raise RuntimeError(f"manifest says {manifest.name}:{manifest.version}, "
                                f"directory is {entry.name}/{entry.version}")
         problems = verify_files(entry.directory, manifest)
