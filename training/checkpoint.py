@@ -68,6 +68,37 @@ def save_checkpoint(run_dir: Path, model, state: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def save_training_state(run_dir: Path, model, progress: dict, optimizer, scheduler, generator) -> None:
+    """The resumable state after an epoch: weights, optimiser, schedule, progress and every RNG."""
+    import random
+
+    import numpy as np
+    import torch
+
+    save_checkpoint(run_dir, model, {
+        "progress": progress, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "loader": generator.get_state()},
+    })
+
+
+def restore_training_state(run_dir: Path, model, optimizer, scheduler, generator) -> dict:
+    """Inverse of save_training_state: loads everything in place and returns the progress dict."""
+    import random
+
+    import numpy as np
+    import torch
+
+    state = load_checkpoint(run_dir, model)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    generator.set_state(state["rng"]["loader"])
+    return state["progress"]
+
+
 def load_checkpoint(run_dir: Path, model) -> dict:
     import torch
 

@@ -375,14 +375,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     # ---- state (fresh or resumed)
     progress = Progress()
     if resume:
-        state = ckpt.load_checkpoint(run_dir, model)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        progress = Progress(**state["progress"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        generator.set_state(state["rng"]["loader"])
+        progress = Progress(**ckpt.restore_training_state(run_dir, model, optimizer, scheduler, generator))
         log(f"resumed from {run_dir / ckpt.CHECKPOINT_DIR} after epoch {progress.epoch} "
             f"(best {metric_name} {progress.best:.4f})")
 
@@ -438,11 +431,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
             plot_learning_curve(progress.history, metric_name, run_dir / "learning_curve.png")
-            ckpt.save_checkpoint(run_dir, model, {
-                "progress": asdict(progress), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                        "torch": torch.get_rng_state(), "loader": generator.get_state()},
-            })
+            ckpt.save_training_state(run_dir, model, asdict(progress), optimizer, scheduler, generator)
         world.barrier()
         if config.patience and progress.bad_epochs >= config.patience:
             log(f"early stopping: no dev improvement for {progress.bad_epochs} epoch(s); best epoch {progress.best_epoch}")
