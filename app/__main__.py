@@ -26,6 +26,7 @@ def serve(args: argparse.Namespace | None = None) -> None:
 
     from app.logging import configure_logging
     from app.main import create_app
+    from app.http_timeouts import protocol_class
     from app.server import DrainingServer
     from app.settings import Settings
 
@@ -37,6 +38,7 @@ def serve(args: argparse.Namespace | None = None) -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=settings.shutdown_timeout_s,
                             server_header=False, proxy_headers=False,
+                            http=protocol_class("auto", settings.header_timeout_s, settings.body_timeout_s),
                             log_level=settings.log_level.lower())
     registry = app.state.service.registry
 

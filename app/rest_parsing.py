@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from app.core.errors import InvalidInput, ServingError
@@ -33,7 +34,26 @@ def _validation_details(exc: ValidationError) -> list[dict[str, Any]]:
     return [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
 
 
+class _StrictMultiPartParser(MultiPartParser):
+    """starlette's multipart parser, except that a text field which is not valid UTF-8 is refused by name
+    (starlette falls back to latin-1 and the model would read mojibake)."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                bytes(part.data).decode(self._charset)
+            except (UnicodeDecodeError, LookupError):
+                raise MultiPartException(f"form field '{part.field_name}' is not valid {self._charset} text") from None
+        super().on_part_end()
+
+
 async def parse(request: Request, task: Task, *, batch: bool, max_upload: int, max_items: int) -> Parsed:
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(415, "unsupported_content_encoding",
+                       f"Content-Encoding '{encoding}' is not accepted on /v1: send the body uncompressed "
+                       "(/v2 infer accepts gzip and deflate)")
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json" or ctype.endswith("+json"):
         return _parse_json(await request.body(), task, batch=batch, max_items=max_items)
@@ -75,7 +95,16 @@ async def _parse_form(request: Request, task: Task, max_upload: int) -> Parsed:
     from starlette.exceptions import HTTPException
 
     try:
-        form = await request.form(max_files=4, max_fields=16, max_part_size=max_upload)
+        if request.headers.get("content-type", "").lower().startswith("multipart/"):
+            form = await _StrictMultiPartParser(request.headers, request.stream(), max_files=4, max_fields=16,
+                                                max_part_size=max_upload).parse()
+            if not form:
+                raise ApiError(400, "invalid_multipart", "the multipart body holds no complete form field "
+                               "(a boundary that does not match the Content-Type's, or a truncated body)")
+        else:
+            form = await request.form(max_files=4, max_fields=16, max_part_size=max_upload)
+    except MultiPartException as exc:  # malformed multipart
+        raise ApiError(400, "invalid_multipart", exc.message) from None
     except HTTPException as exc:  # malformed multipart
         raise ApiError(400, "invalid_multipart", str(exc.detail)) from None
     try:

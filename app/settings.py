@@ -138,6 +138,18 @@ class Settings(BaseSettings):
         "then the listener closes, connections already in its backlog get 503 + Retry-After, and in-flight "
         "requests finish. A second signal cuts it short. (`mmserve serve` / `python -m app`.)",
     )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A connection must send a complete request head within this many seconds of opening (or of the "
+        "first byte of its next request); else 408 and the connection closes (slow clients, slowloris).",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A request body must arrive within this many seconds of its head, plus one second per 16 KiB "
+        "received (a minimum average rate, as Apache's mod_reqtimeout); else the connection closes.",
+    )
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long to wait for accepted requests to be answered before exiting."
     )

@@ -6,6 +6,7 @@ trusted). Every failure is a `MediaError` whose `code`/`status` the HTTP layer r
 from __future__ import annotations
 
 import io
+import re
 import struct
 
 import numpy as np
@@ -69,6 +70,11 @@ def sniff(data: bytes) -> str | None:
     if head.startswith(b"OggS"):
         return "audio/ogg"
     return None
+
+
+def _reason(exc: Exception) -> str:
+    """libsndfile's message without the in-memory file's repr ("Error opening <_io.BytesIO object at 0x...>: ")."""
+    return re.sub(r"^Error opening <[^>]*>: ", "", str(exc)).strip()
 
 
 def _describe(kind: str | None) -> str:
@@ -155,7 +161,7 @@ def decode_audio(data: bytes, *, max_seconds: float) -> tuple[np.ndarray, int]:
     except MediaError:
         raise
     except (sf.SoundFileError, RuntimeError, ValueError, EOFError) as exc:
-        raise MediaError("undecodable_media", f"{kind} data is truncated or corrupt: {exc}") from exc
+        raise MediaError("undecodable_media", f"{kind} data is truncated or corrupt: {_reason(exc)}") from exc
     if len(wave) > limit:
         raise MediaError("media_too_large", f"audio is longer than the limit of {max_seconds:g} s")
     if len(wave) == 0:
