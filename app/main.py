@@ -49,7 +49,7 @@ def build_service(s: Settings, metrics: Metrics) -> Service:
                            allow_remote=s.allow_remote_model_control,
                            drain_timeout_s=s.request_timeout_s + s.shutdown_timeout_s)
     return Service(registry, metrics, preprocess_workers=s.preprocess_workers, request_timeout_s=s.request_timeout_s,
-                   control=control)
+                   control=control, unhealthy_after_timeouts=s.unhealthy_after_timeouts)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -50,6 +50,8 @@ class Readiness(BaseModel):
     models: dict[str, str] = Field(description="state of each model (pending, loading, ready, failed...)")
     failed: dict[str, str | None] = Field(description="the reason of each failed model")
     draining: bool | None = Field(None, description="present (true) once shutdown has begun")
+    unhealthy: dict[str, str] | None = Field(None, description="present while a model is hung (timeouts in a row, "
+                                             "UNHEALTHY_AFTER_TIMEOUTS): the reason of each; readiness is 503")
 
 
 def _request_body(task: Task) -> dict[str, Any]:

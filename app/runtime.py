@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -134,12 +134,54 @@ class TorchScriptRuntime:
         self.module = None
 
 
+# -------------------------------------------------------------------------------------------- fault hooks
+FaultHook = Callable[[str, str, "dict[str, np.ndarray] | None"], None]
+_fault_hooks: list[FaultHook] = []
+
+
+def add_fault_hook(hook: FaultHook) -> Callable[[], None]:
+    """Register `hook(stage, model, feeds)`, called in this process before every inference batch (stage
+    "infer", the collated feeds) and every item's preprocessing (stage "preprocess", feeds None), in the thread
+    that does the work. Whatever it does happens there: raise to fail the batch / item, block to hang it.
+    For fault-injection tests (issue 14); nothing registers one in production. Returns the function that
+    removes it."""
+    _fault_hooks.append(hook)
+    return lambda: _fault_hooks.remove(hook) if hook in _fault_hooks else None
+
+
+def inject_faults(stage: str, model: str, feeds: dict[str, np.ndarray] | None = None) -> None:
+    for hook in list(_fault_hooks):
+        hook(stage, model, feeds)
+
+
+class HookedRuntime:
+    """A runtime whose `run` first calls the fault hooks (a no-op loop when none is registered)."""
+
+    def __init__(self, inner: Runtime, model: str):
+        self.inner = inner
+        self.model = model
+
+    def __getattr__(self, name: str) -> Any:  # backend, device, provider, input_names, ...
+        return getattr(self.inner, name)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        if _fault_hooks:
+            inject_faults("infer", self.model, feeds)
+        return self.inner.run(feeds)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def create_runtime(backend: str, directory: Path, manifest: Manifest, device: str, intra_op_threads: int,
                    inter_op_threads: int, allow_spinning: bool) -> Runtime:
     fmt = manifest.formats.get(backend)  # type: ignore[call-overload]
     if fmt is None:
         raise RuntimeError(f"manifest has no {backend} format (has: {sorted(manifest.formats)})")
     path = Path(directory) / fmt.file
+    runtime: Runtime
     if backend == "onnx":
-        return OnnxRuntime(path, device, intra_op_threads, inter_op_threads, allow_spinning)
-    return TorchScriptRuntime(path, device, [t.name for t in manifest.inputs], intra_op_threads)
+        runtime = OnnxRuntime(path, device, intra_op_threads, inter_op_threads, allow_spinning)
+    else:
+        runtime = TorchScriptRuntime(path, device, [t.name for t in manifest.inputs], intra_op_threads)
+    return HookedRuntime(runtime, manifest.name)  # type: ignore[return-value]

@@ -89,6 +89,13 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         30.0, gt=0, description="Deadline per request (a request may ask for less with `timeout_ms`); past it, 504."
     )
+    unhealthy_after_timeouts: int = Field(
+        3,
+        ge=0,
+        description="A model counts as hung, and /readyz answers 503 naming it under `unhealthy`, after this many "
+        "requests in a row timed out while it finished no batch during their whole wait (at least 1 s each); its "
+        "next answer clears it. 0: never.",
+    )
     preprocess_workers: int = Field(
         4, ge=1, description="Threads that decode images/audio and tokenise text, off the event loop."
     )

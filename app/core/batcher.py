@@ -95,6 +95,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self.batches_run = 0
         self.items_run = 0
+        self.last_progress = time.monotonic()  # when a batch last finished (or the batcher was made)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -219,8 +220,14 @@ class Batcher:
         run.seconds = time.monotonic() - run.started
         return run
 
+    @property
+    def busy(self) -> bool:
+        """A batch is running or sealed and waiting to run."""
+        return self._outstanding > 0
+
     def _done(self, batch: list[WorkItem], fut: asyncio.Future) -> None:
         self._outstanding -= 1
+        self.last_progress = time.monotonic()
         assert self._wake is not None
         self._wake.set()
         if fut.cancelled() or fut.exception() is not None:

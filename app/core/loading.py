@@ -65,6 +65,8 @@ class ModelEntry:
     pad_id: int = 0
     active: int = 0  # requests running on this entry (`Service.run_items`); a replaced entry drains to 0
     retired: bool = False  # replaced (hot reload) or unloaded: no new request may start on it
+    stalled_timeouts: int = 0  # requests in a row that timed out while the model made no progress (Service)
+    unhealthy: str | None = None  # why the model counts as hung (/readyz); cleared by its next answer
 
     @property
     def task(self) -> str | None:

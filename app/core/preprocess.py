@@ -44,6 +44,10 @@ def prepare(entry: Any, task: Task, item: Item, metrics: Any = None) -> Prepared
     from models.media import MediaError
     from models.preprocessing import Features
 
+    from app.runtime import _fault_hooks, inject_faults
+
+    if _fault_hooks:
+        inject_faults("preprocess", entry.name)
     pre = entry.preprocessor
     meta: dict[str, Any] = {}
 

@@ -198,7 +198,11 @@ class Registry:
         ok = ok and all(s in (READY, FAILED) for s in states.values())
         if self.strict_readiness and failed:
             ok = False
+        unhealthy = {e.name: e.unhealthy for e in self.entries.values() if e.state == READY and e.unhealthy}
+        ok = ok and not unhealthy  # a hung model: every request to it would time out
         body = {"ready": ok, "models": states, "failed": failed}
+        if unhealthy:
+            body["unhealthy"] = unhealthy
         if self.draining or self.leaving:
             body["draining"] = True
         return ok, body

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from app.core.model_control import ModelControl
 
 log = logging.getLogger("mmserve.service")
+STALL_MIN_S = 1.0  # shortest wait that can count towards marking a model hung (Service._health)
 
 
 @dataclass
@@ -49,12 +50,14 @@ class Call:
 
 class Service:
     def __init__(self, registry: Registry, metrics: Metrics, *, preprocess_workers: int = 4,
-                 request_timeout_s: float = 30.0, control: ModelControl | None = None):
+                 request_timeout_s: float = 30.0, control: ModelControl | None = None,
+                 unhealthy_after_timeouts: int = 3):
         self.registry = registry
         self.control = control  # model repository extension (index, load, unload, poll); front-ends share it
         self.metrics = metrics
         self.preprocess_workers = preprocess_workers
         self.request_timeout_s = request_timeout_s
+        self.unhealthy_after_timeouts = unhealthy_after_timeouts
         self.pool: ThreadPoolExecutor | None = None
         self.inflight = 0
         self._idle = asyncio.Event()
@@ -145,7 +148,11 @@ class Service:
                 outcomes[i].prepared, outcomes[i].preprocess_s = await self._prepare(entry, task, item)
             except ServingError as err:
                 outcomes[i].error = err
-            except Exception:  # noqa: BLE001 - one item's bug must not fail the other items of a batch request
+            except asyncio.CancelledError:
+                raise
+            # one item's bug must not fail the other items of a batch request; nor may a worker that died
+            # (SystemExit / KeyboardInterrupt raised in it) take the request, or the server, down with it
+            except BaseException:  # noqa: BLE001
                 log.exception("preprocessing failed")
                 outcomes[i].error = InternalError("internal error while preprocessing", request_id=request_id)
 
@@ -158,6 +165,7 @@ class Service:
                     self.metrics.rejections.labels(entry.name, "timeout").inc()
             return outcomes
         assert entry.batcher is not None
+        submitted = time.monotonic()
         for i, oc in enumerate(outcomes):
             if oc.error is not None:
                 continue
@@ -167,6 +175,7 @@ class Service:
                 oc.error = err
         if futures:
             await self._wait(disconnected, entry, futures, outcomes, deadline)
+            self._health(entry, outcomes, futures, submitted)
         manifest = entry.manifest
         for i, oc in enumerate(outcomes):
             if oc.error is not None or oc.result is None:
@@ -181,6 +190,29 @@ class Service:
                 log.exception("postprocessing failed")
                 oc.error = InternalError("postprocessing failed", request_id=request_id)
         return outcomes
+
+    def _health(self, entry: ModelEntry, outcomes: list[ItemOutcome], futures: dict[int, asyncio.Future],
+                submitted: float) -> None:
+        """A hung model: UNHEALTHY_AFTER_TIMEOUTS requests in a row timed out while it finished no batch during
+        their whole wait (at least STALL_MIN_S: a client's own tiny timeout_ms cannot mark a model hung). Any
+        answer from the model clears it."""
+        batcher = entry.batcher
+        if any(outcomes[i].result is not None for i in futures):
+            if entry.unhealthy is not None:
+                log.warning("model %s:%s answers again: healthy", entry.name, entry.version)
+            entry.stalled_timeouts, entry.unhealthy = 0, None
+            return
+        now = time.monotonic()
+        stalled = (batcher is not None and batcher.busy and batcher.last_progress <= submitted
+                   and now - submitted >= STALL_MIN_S
+                   and any(isinstance(outcomes[i].error, DeadlineExceeded) for i in futures))
+        if not stalled or not self.unhealthy_after_timeouts:
+            return
+        entry.stalled_timeouts += 1
+        if entry.stalled_timeouts >= self.unhealthy_after_timeouts and entry.unhealthy is None:
+            entry.unhealthy = (f"{entry.stalled_timeouts} requests in a row timed out while the model finished no "
+                               f"batch (inference hung for {now - batcher.last_progress:.1f}s)")
+            log.error("model %s:%s unhealthy: %s", entry.name, entry.version, entry.unhealthy)
 
     async def _wait(self, disconnected: Callable[[], Awaitable[Any]], entry: ModelEntry,
                     futures: dict[int, asyncio.Future], outcomes: list[ItemOutcome], deadline: float) -> None:
