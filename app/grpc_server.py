@@ -16,7 +16,6 @@ MAX_UPLOAD_BYTES both ways. With API_KEYS set every RPC needs `authorization: Be
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from contextlib import suppress
 from typing import Any, Callable
@@ -26,6 +25,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from app import oip
+from app.core import security
 from app.core.errors import ServingError
 from app.core.service import Service
 from app.oip_tensors import decode_raw
@@ -140,7 +140,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     work = asyncio.ensure_future(oip.infer(
                         self.service, call, model=request.model_name, version=request.model_version,
                         inputs=self._inputs(request), outputs=outputs, binary_default=True,
-                        deadline_ms=deadline_ms, request_id=request.id or "-", disconnected=gone.wait,
+                        deadline_ms=deadline_ms, request_id=security.request_id(request.id), disconnected=gone.wait,
                         max_items=self.max_batch_items))
                     try:
                         result = await asyncio.shield(work)
@@ -218,7 +218,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Every RPC needs one of `keys` in `authorization: Bearer KEY` or `x-api-key: KEY` metadata."""
 
     def __init__(self, keys: list[str]):
-        self.keys = [k.encode() for k in keys]
+        self.keys = security.key_digests(keys)
 
     def _ok(self, metadata: Any) -> bool:
         md = {k.lower(): v for k, v in (metadata or ()) if isinstance(v, str)}
@@ -226,10 +226,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         auth = md.get("authorization", "")
         if given is None and auth[:7].lower() == "bearer ":
             given = auth[7:].strip()
-        ok = False
-        for k in self.keys if given else ():  # constant time per key, no early exit
-            ok |= hmac.compare_digest(given.encode(), k)
-        return ok
+        return security.key_matches(given, self.keys)
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)

@@ -2,21 +2,19 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import re
 import time
-import uuid
 from typing import Any, Awaitable, Callable
 
+from app.core.security import key_digests, key_matches, request_id
 from app.logging import request_id_var
 
 log = logging.getLogger("mmserve.http")
 
 Scope = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
-_RID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -45,8 +43,7 @@ class RequestContextMiddleware:
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        incoming = _header(scope, b"x-request-id")
-        rid = incoming if incoming and _RID_OK.match(incoming) else uuid.uuid4().hex
+        rid = request_id(_header(scope, b"x-request-id"))
         token = request_id_var.set(rid)
         scope.setdefault("state", {})["request_id"] = rid
         started = False
@@ -87,7 +84,7 @@ class ApiKeyMiddleware:
 
     def __init__(self, app: ASGIApp, keys: list[str]):
         self.app = app
-        self.keys = [k.encode() for k in keys]
+        self.keys = key_digests(keys)
 
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or not self.keys or not scope.get("path", "").startswith(self.PROTECTED):
@@ -96,12 +93,7 @@ class ApiKeyMiddleware:
         auth = _header(scope, b"authorization")
         if given is None and auth and auth[:7].lower() == "bearer ":
             given = auth[7:].strip()
-        ok = False
-        if given:
-            g = given.encode()
-            for k in self.keys:  # constant time per key, no early exit
-                ok |= hmac.compare_digest(g, k)
-        if not ok:
+        if not key_matches(given, self.keys):
             return await send_json(send, 401, {"error": {"code": "unauthorized",
                                                          "message": "missing or invalid API key"}},
                                    [(b"www-authenticate", b"Bearer")])

@@ -178,6 +178,12 @@ def create_runtime(backend: str, directory: Path, manifest: Manifest, device: st
     fmt = manifest.formats.get(backend)  # type: ignore[call-overload]
     if fmt is None:
         raise RuntimeError(f"manifest has no {backend} format (has: {sorted(manifest.formats)})")
+    # only a file of the version directory whose sha256 the manifest lists (checked by the loader before this):
+    # never a path out of the directory, never an unlisted file (TorchScript is code: torch.jit.load runs it)
+    if Path(fmt.file).name != fmt.file or fmt.file in ("", ".", ".."):
+        raise RuntimeError(f"manifest's {backend} file {fmt.file!r} is not a file name of the version directory")
+    if fmt.file not in manifest.files:
+        raise RuntimeError(f"manifest's {backend} file {fmt.file!r} has no sha256 in the manifest: refusing to load it")
     path = Path(directory) / fmt.file
     runtime: Runtime
     if backend == "onnx":
