@@ -35,8 +35,8 @@ test-fast: install
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
 
-# schemathesis --checks all over /v1, /healthz, /readyz and /metrics of a live server on tiny models; schemathesis
-# goes into its own venv (.venv-fuzz), never the project's. FUZZ_EXAMPLES=N per operation (default 100).
+# schemathesis --checks all over every operation (/v1, /v2, probes, /metrics) of a live server on tiny models
+# (schemathesis from the `test` extra). FUZZ_EXAMPLES=N per operation (default 100).
 fuzz: install
 	bash scripts/fuzz.sh
 

@@ -137,12 +137,31 @@ def refine(doc: dict[str, Any], service: Service, max_batch_items: int) -> dict[
             model = {"model": served[0]["model"]} if several else {}
             bcontent["examples"] = {"two_items": {"summary": "records answered independently",
                                                   "value": {**model, "inputs": inputs}}}
+    _v2_parameters(doc, service)
     named = doc["paths"].get("/v1/models/{name}", {}).get("get")
     names = sorted(e.name for e in service.registry.entries.values())
     for param in (named or {}).get("parameters", []):
         if param.get("name") == "name" and names:
             param["schema"] = {"type": "string", "enum": names, "description": "a served model (others: 404)"}
     return doc
+
+
+def _v2_parameters(doc: dict[str, Any], service: Service) -> None:
+    """/v2/models/{model}[/versions/{version}]/...: the served model names and their loaded versions."""
+    entries = [e for e in service.registry.entries.values() if e.state != FAILED and e.version is not None]
+    if not entries:
+        return
+    names = sorted(e.name for e in entries)
+    versions = sorted({str(e.version) for e in entries}, key=int)
+    for path, ops in doc["paths"].items():
+        if not path.startswith("/v2/models/{model}"):
+            continue
+        for op in ops.values():
+            for param in op.get("parameters", []):
+                if param.get("in") == "path" and param.get("name") == "model":
+                    param["schema"] = {"type": "string", "enum": names}
+                elif param.get("in") == "path" and param.get("name") == "version":
+                    param["schema"] = {"type": "string", "enum": versions}
 
 
 def install(app: Any, service: Service, *, max_batch_items: int) -> None:

@@ -280,6 +280,10 @@ def _json(description: str, example: Any = None) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": content}}
 
 
+_MODEL_PARAM = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"},
+                "description": "model name (unknown: 404)"}
+_VERSION_PARAM = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"},
+                  "description": "model version; only the loaded one is served (another: 400)"}
 _EMPTY = {"description": "Yes (empty body)", "content": {}}
 _NO = {"description": "No (empty body)", "content": {}}
 _BINARY_BODY = ("The JSON inference header (its byte length in the `Inference-Header-Content-Length` header) "
@@ -312,10 +316,14 @@ def build_router(service: Service, *, backend: str, max_batch_items: int,
     registry = service.registry
 
     def model_routes(suffix: str, method: str, summary: str, handler: Callable, **kw: Any) -> None:
-        """`handler(request)` under /v2/models/{model}{suffix} and its /versions/{version} form."""
-        for path, what in ((f"/v2/models/{{model}}{suffix}", summary),
-                           (f"/v2/models/{{model}}/versions/{{version}}{suffix}", f"{summary} (one version)")):
-            router.add_api_route(path, handler, methods=[method], summary=what, **kw)
+        """`handler(request)` under /v2/models/{model}{suffix} and its /versions/{version} form (the handlers read
+        the path parameters from the request: they are declared here for the OpenAPI document)."""
+        extra = kw.pop("openapi_extra", {})
+        for path, what, params in ((f"/v2/models/{{model}}{suffix}", summary, [_MODEL_PARAM]),
+                                   (f"/v2/models/{{model}}/versions/{{version}}{suffix}", f"{summary} (one version)",
+                                    [_MODEL_PARAM, _VERSION_PARAM])):
+            router.add_api_route(path, handler, methods=[method], summary=what, **kw, openapi_extra={
+                **extra, "parameters": [*params, *extra.get("parameters", [])]})
 
     def entry_of(request: Request) -> Any:
         return oip.lookup(registry, request.path_params["model"], request.path_params.get("version"))

@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# `make fuzz`: schemathesis (--checks all) against a live server on tiny exported models, over the /v1, health,
-# readiness and metrics routes. schemathesis lives in its own venv (FUZZ_VENV), never in the project's.
+# `make fuzz`: schemathesis (--checks all, every phase including the stateful one) against a live server on tiny
+# models, over every operation: /v1, /v2 (with the model repository extension), health, readiness and metrics.
+# schemathesis comes with the `test` extra (.venv/bin/st); without it, it is installed into its own venv (FUZZ_VENV).
 #   FUZZ_EXAMPLES (default 100 per operation), FUZZ_VENV (default .venv-fuzz), FUZZ_ARGS (extra `st run` flags)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 FUZZ_VENV=${FUZZ_VENV:-.venv-fuzz}
 EXAMPLES=${FUZZ_EXAMPLES:-100}
-if [ ! -x "$FUZZ_VENV/bin/st" ]; then
-  python3 -m venv "$FUZZ_VENV"
-  "$FUZZ_VENV/bin/pip" install -q 'schemathesis>=4.32,<5'
+ST=$(dirname "$PY")/st
+if [ ! -x "$ST" ]; then
+  ST=$FUZZ_VENV/bin/st
+  if [ ! -x "$ST" ]; then
+    python3 -m venv "$FUZZ_VENV"
+    "$FUZZ_VENV/bin/pip" install -q 'schemathesis>=4.32,<5'
+  fi
 fi
 WORK=$(mktemp -d)
 trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; rm -rf "$WORK"' EXIT
@@ -28,6 +33,6 @@ for _ in $(seq 600); do
   kill -0 "$SERVER" || { cat "$WORK/server.log"; exit 1; }
   sleep 0.1
 done
-"$FUZZ_VENV/bin/st" --config-file scripts/schemathesis.toml run "http://127.0.0.1:$PORT/openapi.json" --checks all \
-  --include-path-regex '^/(v1/|healthz$|readyz$|metrics$)' --max-examples "$EXAMPLES" \
+"$ST" --config-file scripts/schemathesis.toml run "http://127.0.0.1:$PORT/openapi.json" --checks all \
+  --include-path-regex '^/(v1/|v2|healthz$|readyz$|metrics$)' --max-examples "$EXAMPLES" \
   --request-timeout 60 --generation-database :memory: --no-color ${FUZZ_ARGS:-}
