@@ -26,7 +26,7 @@ from typing import Any
 log = logging.getLogger("mmserve.http")
 
 MIN_BODY_RATE = 16 * 1024  # bytes per second a request body must average once BODY_TIMEOUT_S is spent
-_CHECK_S = 0.25
+_SLACK_S = 0.01
 
 
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers (nginx: 4 x 8 KiB buffers; h11: 16 KiB)
@@ -58,7 +58,8 @@ class _SlowClientTimeouts:
         self._body_cycle: Any = None
         self._head = bytearray()  # the request head received so far (while no request is in progress)
         self._discard_until: float | None = None  # refused: dropping the rest until then, then closing
-        self._watch: asyncio.TimerHandle | None = self.loop.call_later(_CHECK_S, self._check)
+        self._watch: asyncio.TimerHandle | None = None  # one timer per connection, at its nearest deadline
+        self._arm()
 
     def _busy(self) -> bool:
         cycle = self.cycle
@@ -111,6 +112,23 @@ class _SlowClientTimeouts:
                 self._body_deadline = None
         elif self._head_deadline is None:  # first bytes of a next request head on a kept-alive connection
             self._head_deadline = now + self.header_timeout_s
+        self._arm()
+
+    def _arm(self) -> None:
+        """Have `_check` run at the nearest deadline (a deadline that moved later is re-armed when it fires)."""
+        if self.transport.is_closing():
+            return
+        if self._discard_until is not None:
+            due = self._discard_until
+        elif self._busy():
+            due = self._body_deadline if self.cycle.more_body else None
+        else:
+            due = self._head_deadline
+        if due is None or (self._watch is not None and self._watch.when() <= due + _SLACK_S):
+            return
+        if self._watch is not None:
+            self._watch.cancel()
+        self._watch = self.loop.call_at(due + _SLACK_S, self._check)
 
     def _refuse(self, answer: bytes) -> None:
         """Answer, half-close, then read and drop what the client still sends for up to LINGER_S (closing with
@@ -119,6 +137,7 @@ class _SlowClientTimeouts:
         if self.transport.can_write_eof():
             self.transport.write_eof()
             self._discard_until = self.loop.time() + LINGER_S
+            self._arm()
         else:
             self.transport.close()
 
@@ -147,7 +166,8 @@ class _SlowClientTimeouts:
             log.warning("closing a connection that sent no complete request head in HEADER_TIMEOUT_S=%g",
                         self.header_timeout_s)
             self._refuse(_timeout_response())
-        self._watch = self.loop.call_later(_CHECK_S, self._check)
+            return
+        self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:  # type: ignore[override]
         if self._watch is not None:

@@ -26,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import socket
-from typing import Callable
+from typing import Any, Callable
 
 import uvicorn
 
@@ -112,6 +113,12 @@ class DrainingServer(uvicorn.Server):
         self.linger_s = linger_s
         self.listener: socket.socket | None = None
         self.backlog_answered = 0
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """As uvicorn's, except that a SIGTERM shutdown, once drained, exits 0: uvicorn re-raises the signal after
+        its shutdown, so the process died of it (exit -15) however cleanly every request had been answered."""
+        super().handle_exit(sig, frame)
+        self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
     def run_owned(self) -> None:
         """Bind the listening socket (as uvicorn would), keep it, and serve on a duplicate of it."""
