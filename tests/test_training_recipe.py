@@ -24,7 +24,8 @@ def test_recipe_defaults_per_encoder_family():
     pretrained = config(text_encoder="minilm", image_encoder="efficientnet-lite0", audio_encoder="whisper-tiny")
     small = choose_recipe(pretrained, 400).encoders
     assert small["text"].trains and small["text"].lr == FAMILY_LR["text"] < pretrained.lr
-    assert not small["image"].trains and not small["audio"].trains  # small data: frozen, features cached
+    assert small["image"].trains and small["image"].lr == FAMILY_LR["image"]
+    assert not small["audio"].trains  # small data: frozen speech features, cached
     large = choose_recipe(pretrained, SMALL_DATA).encoders
     assert large["image"].trains and large["image"].lr == FAMILY_LR["image"]
     assert large["audio"].trains and large["audio"].lr == FAMILY_LR["audio"]
@@ -33,8 +34,18 @@ def test_recipe_defaults_per_encoder_family():
     lora = choose_recipe(config(text_encoder="minilm", image_encoder="efficientnet-lite0", peft="lora"), 400)
     assert lora.encoders["text"].adapters and not lora.encoders["text"].trains and lora.frozen() == ["image"]
     assert choose_recipe(config(freeze_encoders=True), 400).frozen() == ["text", "image", "audio"]
-    forced = choose_recipe(config(image_encoder="efficientnet-lite0", media_encoders="train", encoder_lr=5e-5), 10)
-    assert forced.encoders["image"].trains and forced.encoders["image"].lr == 5e-5
+    forced = choose_recipe(config(audio_encoder="whisper-tiny", media_encoders="train", encoder_lr=5e-5), 10)
+    assert forced.encoders["audio"].trains and forced.encoders["audio"].lr == 5e-5
+    assert choose_recipe(config(image_encoder="efficientnet-lite0", media_encoders="freeze"), 10).frozen() == ["image"]
+
+
+def test_default_schedule_follows_the_data_size():
+    small, large = choose_recipe(config(), 400), choose_recipe(config(), 100_000)
+    assert (small.epochs, small.patience) == (24, 6)  # 13 steps per epoch -> about 300 steps
+    assert (large.epochs, large.patience) == (10, 3)
+    assert choose_recipe(config(), 50).epochs == 40  # capped
+    given = choose_recipe(config(epochs=3, patience=0), 400)
+    assert (given.epochs, given.patience) == (3, 0)
 
 
 def test_config_checks_task_against_modalities_before_reading_data():

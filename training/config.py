@@ -55,11 +55,12 @@ class TrainConfig(BaseModel):
     lora_targets: str = Field(r".*text_encoder.*\.(query|value)$", description="regex over module names")
     freeze_encoders: bool = Field(False, description="linear probing: every encoder frozen, fusion + head train")
     media_encoders: Literal["auto", "train", "freeze"] = Field(
-        "auto", description="pretrained image/audio encoders under full fine-tuning; auto: frozen (features "
-                            "cached) on small data, trained on large")
+        "auto", description="pretrained image/audio encoders under full fine-tuning; auto: images train, audio "
+                            "stays frozen (features cached) under 5,000 training records")
 
     # optimisation
-    epochs: int = Field(10, description="maximum epochs")
+    epochs: int | None = Field(None, description="maximum epochs (default: enough for about 300 optimiser steps, "
+                                                 "10 to 40 epochs)")
     lr: float = Field(1e-3, description="learning rate of fusion, head, LoRA adapters and tiny encoders")
     encoder_lr: float | None = Field(None, description="learning rate of trained pretrained encoders (default: "
                                                        "per family: text/audio 3e-5, image 1e-4)")
@@ -67,7 +68,8 @@ class TrainConfig(BaseModel):
     warmup_ratio: float = Field(0.1, description="share of steps with linear warm-up")
     batch_size: int = Field(32, description="global batch (split across torchrun processes)")
     grad_clip: float = Field(1.0, description="gradient norm clip (0: off)")
-    patience: int = Field(3, description="early stopping: epochs without dev improvement (0: off)")
+    patience: int | None = Field(None, description="early stopping: epochs without dev improvement (0: off; "
+                                                   "default: a quarter of the epochs, at least 3)")
     seed: int = Field(0, description="random seed (same seed, data and machine: same metrics)")
     max_train_samples: int | None = Field(None, description="use only the first N training records")
     max_eval_samples: int | None = Field(None, description="use only the first N dev/test records")
@@ -94,8 +96,8 @@ class TrainConfig(BaseModel):
 
     @field_validator("epochs", "batch_size", "lora_rank", "hidden_size")
     @classmethod
-    def _positive(cls, value: int) -> int:
-        if value < 1:
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
             raise ValueError("must be at least 1")
         return value
 

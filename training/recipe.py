@@ -6,16 +6,18 @@ so the defaults depend on what each encoder is and how much data there is:
   encoder            strategy full (default)                          LoRA          --freeze-encoders
   tiny (random init) trains at `lr` (frozen random features are useless) trains at lr  frozen
   pretrained text    trains at 3e-5 (BERT fine-tuning range 2e-5..5e-5)   adapters only frozen
-  pretrained image   small data: frozen (features cached);               frozen        frozen
-                     else trains at 1e-4 with BatchNorm statistics frozen
+  pretrained image   trains at 1e-4 with BatchNorm statistics frozen      frozen        frozen
   pretrained audio   small data: frozen (features cached);               frozen        frozen
                      else trains at 3e-5
 
 Why: a pretrained encoder trained at the head's learning rate (1e-3) forgets what it knew
 within an epoch (measured: chance-level accuracy on a new task, where a frozen encoder gets
-0.99). On a few thousand examples a frozen pretrained image/audio encoder generalises better
-than one fine-tuned on them and makes epochs ~10x cheaper (its features are computed once);
-`--media-encoders train` overrides that. A pretrained CNN that trains keeps its BatchNorm
+0.99). An image encoder trains: pooled ImageNet features keep little of the colour, count and
+position that users' questions are about (a linear probe on frozen EfficientNet features read a
+shape's colour at 0.24-0.64 depending on depth), and fine-tuning it at 1e-4 recovered them. On a
+few thousand clips a frozen pretrained speech encoder generalises well (0.82 on a held-out spoken-
+word task once padding is masked) and makes epochs ~10x cheaper (its features are computed once);
+`--media-encoders train|freeze` overrides both. A pretrained CNN that trains keeps its BatchNorm
 running statistics (eval mode): batches of 8-32 with zero images for absent media would
 otherwise replace ImageNet statistics with noisy ones.
 
@@ -30,8 +32,10 @@ from training.config import TrainConfig
 ENCODERS = ("text", "image", "audio")
 # pretrained-encoder learning rates per modality (full fine-tuning)
 FAMILY_LR = {"text": 3e-5, "image": 1e-4, "audio": 3e-5}
-# below this many training records a pretrained image/audio encoder stays frozen under "auto"
+# below this many training records a pretrained audio encoder stays frozen under "auto"
 SMALL_DATA = 5000
+# the default schedule: about this many optimiser steps, within these epochs
+TARGET_STEPS, MIN_EPOCHS, MAX_EPOCHS = 300, 10, 40
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,9 @@ class EncoderPlan:
 @dataclass(frozen=True)
 class Recipe:
     encoders: dict[str, EncoderPlan]  # for the modalities the model uses
+    epochs: int = 10
+    patience: int = 3  # 0: no early stopping
+    schedule_why: str = ""
 
     def frozen(self) -> list[str]:
         """Modalities whose encoder is fixed during training (outputs cacheable)."""
@@ -55,6 +62,8 @@ class Recipe:
         for m, plan in self.encoders.items():
             state = f"trains at lr {plan.lr:g}" if plan.trains else "frozen, LoRA adapters train" if plan.adapters else "frozen"
             lines.append(f"{m} encoder: {state} ({plan.why})")
+        lines.append(f"schedule: up to {self.epochs} epochs, early stopping after {self.patience or 'no'} epochs "
+                     f"without dev improvement ({self.schedule_why})")
         return lines
 
 
@@ -83,13 +92,31 @@ def choose_recipe(config: TrainConfig, num_train: int) -> Recipe:
             plans[m] = EncoderPlan(False, None, "--media-encoders freeze")
         elif config.media_encoders == "train":
             plans[m] = EncoderPlan(True, slow_lr, "--media-encoders train")
+        elif m == "image":
+            plans[m] = EncoderPlan(True, slow_lr, "pooled ImageNet features keep little of colour, count and place "
+                                                  "(measured: a linear probe reads colour at 0.52); fine-tuning at a "
+                                                  "low rate recovers them; --media-encoders freeze for speed")
         elif num_train < SMALL_DATA:
-            plans[m] = EncoderPlan(False, None, f"{num_train} training records < {SMALL_DATA}: a frozen pretrained "
-                                                "encoder generalises better on small data; --media-encoders train "
-                                                "overrides")
+            plans[m] = EncoderPlan(False, None, f"{num_train} training records < {SMALL_DATA}: pretrained speech "
+                                                "features generalise better frozen on small data (features cached); "
+                                                "--media-encoders train overrides")
         else:
             plans[m] = EncoderPlan(True, slow_lr, f"{num_train} training records >= {SMALL_DATA}")
-    return Recipe(plans)
+    epochs, patience, why = schedule(config, num_train)
+    return Recipe(plans, epochs, patience, why)
+
+
+def schedule(config: TrainConfig, num_train: int) -> tuple[int, int, str]:
+    """(epochs, patience, why). Small data sets give few steps per epoch: a fixed 10 epochs of 400 records
+    at batch 32 is 130 steps, which stopped every model on the held-out tasks while still improving."""
+    steps_per_epoch = max(1, -(-num_train // config.batch_size))
+    if config.epochs is not None:
+        epochs, why = config.epochs, "--epochs"
+    else:
+        epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, -(-TARGET_STEPS // steps_per_epoch)))
+        why = f"{steps_per_epoch} steps per epoch: {epochs} epochs for about {TARGET_STEPS} steps"
+    patience = config.patience if config.patience is not None else max(3, epochs // 4)
+    return epochs, patience, why
 
 
 def encoder_of(parameter_name: str) -> str | None:

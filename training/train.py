@@ -347,7 +347,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
 
     # ---- 8. optimiser and schedule
     optimizer = torch.optim.AdamW(parameter_groups(model, recipe, config), lr=config.lr)
-    total_steps = config.epochs * len(loader)
+    total_steps = recipe.epochs * len(loader)
     scheduler = linear_schedule(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
@@ -380,8 +380,8 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
             f"(best {metric_name} {progress.best:.4f})")
 
     show_bar = world.main and (config.progress if config.progress is not None else sys.stderr.isatty())
-    stopped_early = bool(config.patience) and progress.bad_epochs >= config.patience > 0
-    for epoch in range(progress.epoch, config.epochs):
+    stopped_early = bool(recipe.patience) and progress.bad_epochs >= recipe.patience
+    for epoch in range(progress.epoch, recipe.epochs):
         if stopped_early or (stop_after is not None and epoch >= stop_after):
             break
         t_epoch = time.perf_counter()
@@ -389,7 +389,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
             sampler.set_epoch(epoch)
         set_train_mode(model)
         losses = []
-        bar = tqdm(total=len(train_items), desc=f"epoch {epoch + 1}/{config.epochs}", unit="item",
+        bar = tqdm(total=len(train_items), desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="item",
                    file=sys.stderr, disable=not show_bar, leave=False, dynamic_ncols=True)
         for batch in loader:
             targets = batch.pop("labels").to(device)
@@ -425,7 +425,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
         entry = {"epoch": epoch + 1, "train_loss": world.mean(float(np.mean(losses))) if losses else None,
                  "dev": dev, "seconds": round(seconds, 3), "lr": scheduler.get_last_lr()[0]}
         progress.history.append(entry)
-        log(f"epoch {epoch + 1}/{config.epochs}  train_loss {entry['train_loss']:.4f}  dev {metric_name} "
+        log(f"epoch {epoch + 1}/{recipe.epochs}  train_loss {entry['train_loss']:.4f}  dev {metric_name} "
             f"{value:.4f}{'  (best)' if improved else ''}  {seconds:.1f}s")
         if world.main:
             with open(run_dir / "metrics.jsonl", "a") as f:
@@ -433,7 +433,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
             plot_learning_curve(progress.history, metric_name, run_dir / "learning_curve.png")
             ckpt.save_training_state(run_dir, model, asdict(progress), optimizer, scheduler, generator)
         world.barrier()
-        if config.patience and progress.bad_epochs >= config.patience:
+        if recipe.patience and progress.bad_epochs >= recipe.patience:
             log(f"early stopping: no dev improvement for {progress.bad_epochs} epoch(s); best epoch {progress.best_epoch}")
             stopped_early = True
 
