@@ -33,6 +33,6 @@ for _ in $(seq 600); do
   kill -0 "$SERVER" || { cat "$WORK/server.log"; exit 1; }
   sleep 0.1
 done
-"$ST" --config-file scripts/schemathesis.toml run "http://127.0.0.1:$PORT/openapi.json" --checks all \
+SCHEMATHESIS_HOOKS=scripts.schemathesis_hooks PYTHONPATH=. "$ST" --config-file scripts/schemathesis.toml run "http://127.0.0.1:$PORT/openapi.json" --checks all \
   --include-path-regex '^/(v1/|v2|healthz$|readyz$|metrics$)' --max-examples "$EXAMPLES" \
   --request-timeout 60 --generation-database :memory: --no-color ${FUZZ_ARGS:-}

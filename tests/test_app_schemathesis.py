@@ -1,9 +1,11 @@
 """A bounded schemathesis pass (issue 14 item 2) inside the suite: `--checks all` over every operation of the
 OpenAPI document (/v1, /v2 with the repository extension, the probes, /metrics), all phases including the
-stateful one, against a live server on the tiny models, with the rules of `make fuzz` (scripts/schemathesis.toml).
+stateful one, against a live server on the tiny models, with the rules of `make fuzz` (scripts/schemathesis.toml,
+scripts/schemathesis_hooks.py).
 A few hundred cases; zero failures and zero errors. (`make fuzz` is the long run.)"""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -32,7 +34,8 @@ def test_schemathesis_finds_no_failure_on_any_operation(server, tmp_path):
            server.url + "/openapi.json", "--checks", "all", "--max-examples", "6", "--seed", "14",
            "--include-path-regex", "^/(v1/|v2|healthz$|readyz$|metrics$)", "--request-timeout", "60",
            "--generation-database", ":memory:", "--no-color", "--workers", "1"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "scripts.schemathesis_hooks", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     counts = re.search(r"(\d+) generated, (\d+) passed", out)
