@@ -6,7 +6,8 @@ and its share of the server) for as long as it likes. These protocols add two ti
 
 * head: from the moment a connection opens (or the first byte of a next request on a kept-alive connection)
   the whole request head must arrive within HEADER_TIMEOUT_S; else the client gets a JSON 408 and the
-  connection closes. No request was started, so nothing runs for it. A head over MAX_HEAD_BYTES or with more
+  connection closes. No request was started, so nothing runs for it. (A client whose bytes already wait in
+  the socket is not slow: the event loop is behind, under overload, and the deadline moves on.) A head over MAX_HEAD_BYTES or with more
   than MAX_HEADERS fields gets a JSON 431, one the parser refuses a JSON 400 (uvicorn's is text/plain); after
   each, what the client still sends is read and dropped for up to LINGER_S before the close (a close with
   unread data resets the connection and the client may never read the answer).
@@ -21,12 +22,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 from typing import Any
 
 log = logging.getLogger("mmserve.http")
 
 MIN_BODY_RATE = 16 * 1024  # bytes per second a request body must average once BODY_TIMEOUT_S is spent
 _SLACK_S = 0.01
+_BEHIND_S = 1.0  # head deadline moved on while the loop has not yet read bytes the client sent
 
 
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers (nginx: 4 x 8 KiB buffers; h11: 16 KiB)
@@ -114,6 +118,15 @@ class _SlowClientTimeouts:
             self._head_deadline = now + self.header_timeout_s
         self._arm()
 
+    def _unread(self) -> bool:
+        """Bytes from the client wait in the socket, not yet read by the event loop."""
+        sock = self.transport.get_extra_info("socket")  # uvloop's stand-in cannot recv: peek through a dup
+        try:
+            with socket.socket(fileno=os.dup(sock.fileno())) as peek:
+                return bool(peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except Exception:  # noqa: BLE001 - nothing waiting (EAGAIN), or no socket to look at
+            return False
+
     def _arm(self) -> None:
         """Have `_check` run at the nearest deadline (a deadline that moved later is re-armed when it fires)."""
         if self.transport.is_closing():
@@ -162,6 +175,9 @@ class _SlowClientTimeouts:
                                 self.body_timeout_s)
                     self.transport.close()
                     return
+        elif self._head_deadline is not None and now > self._head_deadline and self._unread():
+            # the client's bytes wait in the socket: this event loop is behind (overload), the client is not slow
+            self._head_deadline = now + _BEHIND_S
         elif self._head_deadline is not None and now > self._head_deadline:
             log.warning("closing a connection that sent no complete request head in HEADER_TIMEOUT_S=%g",
                         self.header_timeout_s)
