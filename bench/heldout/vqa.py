@@ -24,7 +24,7 @@ from bench.heldout.common import (COLOURS, DEFAULT_SIZES, PLURAL, SHAPES, clutte
 
 TASK = "vqa"
 MODALITIES = ("text", "image")
-BASELINES = ("text", "image")
+BASELINES = ("image",)  # the trainer refuses VQA without the image; the question prior alone is ~0.29
 SIDE = 128
 KINDS = ("colour", "count", "side", "shape")
 
