@@ -90,7 +90,13 @@ def tiny_model(rebuild: bool = False, log=print) -> Path:
     repo = CACHE / "tiny-repo"
     found = None if rebuild else _latest_version(repo / "tiny-classify")
     if found is not None:
-        return found
+        from models.manifest import read_manifest
+
+        try:  # a cached model from an older code version whose manifest no longer validates is rebuilt
+            read_manifest(found)
+            return found
+        except Exception as exc:  # noqa: BLE001 - any unreadable manifest means "stale cache"
+            log(f"bench: cached tiny model at {found} is stale ({type(exc).__name__}); rebuilding")
     data = demo_data(log)
     from training.config import TrainConfig
     from training.export import export
