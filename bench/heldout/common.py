@@ -42,6 +42,17 @@ def balanced_labels(rng: np.random.Generator, n: int) -> list[bool]:
     return [bool(x) for x in rng.permutation(flags)]
 
 
+def labelled_splits(seed: int, task_index: int, sizes: dict[str, int]):
+    """For each split: (split, rng, [(record id, flag), ...]) with exactly balanced flags (balanced_labels).
+
+    The scaffold every balanced generator shares; the rng is the split's own stream (rng_for), already
+    advanced past the label draw, for the generator to draw the records' content from."""
+    for split, n in sizes.items():
+        rng = rng_for(seed, task_index, split)
+        flags = balanced_labels(rng, n)
+        yield split, rng, [(f"{split}-{i:04d}", flag) for i, flag in enumerate(flags)]
+
+
 def jitter_colour(rgb: tuple[int, int, int], rng: np.random.Generator, amount: int = 18) -> tuple[int, ...]:
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import ImageDraw
 
-from bench.heldout.common import (COLOURS, DEFAULT_SIZES, SHAPES, balanced_labels, cluttered_canvas,
-                                  draw_shape, finish, jitter_colour, pick, rng_for, save_image, write_jsonl)
+from bench.heldout.common import (COLOURS, DEFAULT_SIZES, SHAPES, cluttered_canvas, labelled_splits,
+                                  draw_shape, finish, jitter_colour, pick, save_image, write_jsonl)
 
 TASK = "classify"
 MODALITIES = ("text", "image")
@@ -82,12 +82,9 @@ def make(out: Path, seed: int = 0, sizes: dict[str, int] | None = None, task_ind
     out = Path(out)
     sizes = sizes or DEFAULT_SIZES
     colours = list(COLOURS)
-    for split, n in sizes.items():
-        rng = rng_for(seed, task_index, split)
-        labels = balanced_labels(rng, n)
+    for split, rng, rows in labelled_splits(seed, task_index, sizes):
         records = []
-        for i, is_match in enumerate(labels):
-            rid = f"{split}-{i:04d}"
+        for rid, is_match in rows:
             attrs = (pick(rng, colours), pick(rng, SHAPES), pick(rng, SIDES))
             img = draw_scene(rng, *attrs)
             rel = f"media/{rid}.jpg"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ImageDraw
 
-from bench.heldout.common import (DEFAULT_SIZES, balanced_labels, cluttered_canvas, finish, pick, rng_for,
+from bench.heldout.common import (DEFAULT_SIZES, cluttered_canvas, finish, labelled_splits, pick,
                                   save_image, tokenize, write_jsonl)
 
 TASK = "ner"
@@ -114,12 +114,9 @@ def draw_place(rng: np.random.Generator, draw: ImageDraw.ImageDraw) -> None:
 def make(out: Path, seed: int = 0, sizes: dict[str, int] | None = None, task_index: int = 4) -> Path:
     out = Path(out)
     sizes = sizes or DEFAULT_SIZES
-    for split, n in sizes.items():
-        rng = rng_for(seed, task_index, split)
-        is_person = balanced_labels(rng, n)
+    for split, rng, rows in labelled_splits(seed, task_index, sizes):
         records = []
-        for i, person in enumerate(is_person):
-            rid = f"{split}-{i:04d}"
+        for rid, person in rows:
             name = pick(rng, NAMES)
             tokens = tokenize(pick(rng, TEMPLATES[split]).format(X=name))
             tag = "B-PER" if person else "B-LOC"

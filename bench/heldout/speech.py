@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from bench.heldout.common import (DEFAULT_SIZES, SAMPLE_RATE, balanced_labels, pick, rng_for, write_jsonl,
+from bench.heldout.common import (DEFAULT_SIZES, SAMPLE_RATE, labelled_splits, pick, write_jsonl,
                                   write_wav)
 
 TASK = "classify"
@@ -97,12 +97,9 @@ def make(out: Path, seed: int = 0, sizes: dict[str, int] | None = None, task_ind
     cache: dict[tuple, np.ndarray] = {}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        for split, n in sizes.items():
-            rng = rng_for(seed, task_index, split)
-            labels = balanced_labels(rng, n)
+        for split, rng, rows in labelled_splits(seed, task_index, sizes):
             records = []
-            for i, is_match in enumerate(labels):
-                rid = f"{split}-{i:04d}"
+            for rid, is_match in rows:
                 word = pick(rng, WORDS)
                 voice = pick(rng, VOICES[split])
                 speed = int(rng.integers(SPEED[split][0], SPEED[split][1] + 1))
