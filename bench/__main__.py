@@ -72,6 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached tiny model")
     p.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
     p.add_argument("--max-minutes", type=float, default=15.0, help="stop starting new points after this")
+    p.add_argument("--protocols", action="store_true",
+                   help="instead: /v1 multipart vs /v2 binary vs /v2 JSON-base64 vs gRPC on one server (default: demo "
+                        "workload, concurrency 32), then the model's hot reload under load (bench/protocols.py)")
+    p.add_argument("--rounds", type=int, default=3, help="--protocols: interleaved rounds per protocol")
+    p.add_argument("--reload", type=int, default=3, help="--protocols: hot reloads under load (0: none)")
+    p.add_argument("--reload-concurrency", type=int, default=8, help="--protocols: clients during the reloads")
+    p.add_argument("--note", default="", help="--protocols: a line for the report (what else ran on the machine)")
     return p.parse_args(argv)
 
 
@@ -245,8 +252,9 @@ def main(argv=None) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     started = time.monotonic()
     deadline = started + 60 * args.max_minutes
-    names = (args.workloads or ("tiny" if args.quick else "tiny,demo")).split(",")
-    concurrency = [int(c) for c in (args.concurrency or ("1,8" if args.quick else "1,4,16,32,64")).split(",")]
+    names = (args.workloads or ("tiny" if args.quick else "demo" if args.protocols else "tiny,demo")).split(",")
+    concurrency = [int(c) for c in (args.concurrency or ("1,8" if args.quick else "32" if args.protocols
+                                                          else "1,4,16,32,64")).split(",")]
     systems = set(s.strip() for s in args.systems.split(",") if s.strip())
     unknown = systems - set(SYSTEMS) - {"limit"}
     if unknown:
@@ -277,6 +285,10 @@ def main(argv=None) -> int:
     workloads, skipped = resolve(names, demo_repo=args.demo_repo, rebuild=args.rebuild, log=log)
     skipped += skipped_systems
     os.sched_setaffinity(0, client_cpus)  # the load generator (this process) stays off the server cores
+    if args.protocols:
+        from bench import protocols
+
+        return protocols.main(args, workloads, concurrency, server_cpus, client_cpus, threads, log_dir, log)
     load = os.getloadavg()
     report = {
         "name": name, "concurrency": concurrency, "skipped": skipped, "workloads": [],

@@ -42,7 +42,10 @@ class PointResult:
 
 
 async def run_point(url: str, bodies: list[bytes], content_type: str, concurrency: int, requests: int,
-                    warmup: int = 0, timeout_s: float = 120.0, extra_headers: dict | None = None) -> PointResult:
+                    warmup: int = 0, timeout_s: float = 120.0, extra_headers: dict | None = None,
+                    body_headers: list[dict] | None = None) -> PointResult:
+    """`body_headers[i]`: headers of `bodies[i]` alone (e.g. the binary tensor extension's
+    Inference-Header-Content-Length), on top of the content type and `extra_headers`."""
     import aiohttp
 
     res = PointResult(concurrency, requests)
@@ -52,9 +55,10 @@ async def run_point(url: str, bodies: list[bytes], content_type: str, concurrenc
     async with aiohttp.ClientSession(connector=conn, timeout=tmo, skip_auto_headers=("User-Agent",)) as session:
         async def one(i: int, record: bool) -> None:
             body = bodies[i % len(bodies)]
+            h = {**headers, **body_headers[i % len(bodies)]} if body_headers else headers
             t0 = time.perf_counter()
             try:
-                async with session.post(url, data=body, headers=headers) as r:
+                async with session.post(url, data=body, headers=h) as r:
                     payload = await r.read()
                     status = r.status
                     bs = r.headers.get("x-batch-size")

@@ -1,37 +1,51 @@
 """Overload, client-disconnect storm and SIGTERM under load (issue 14 item 4): a scenario with a report, not a test.
 
-    .venv/bin/python -m bench.overload [--repository DIR] [--seconds 60] [--factor 5] [--out bench/results/overload]
+    .venv/bin/python -m bench.overload [--workloads tiny,demo] [--seconds 60] [--factor 5] [--out bench/results/overload]
 
-1. sustainable rate: closed loop (8 clients) for a few seconds on the served classify model -> R answers/s;
-2. overload: open loop at FACTOR x R for SECONDS, every request on its own connection: each must get an answer
-   (200, or 503/429 with Retry-After; 504 past its deadline), none may hang past its deadline (client timeout =
-   REQUEST_TIMEOUT_S + 10 s); p50/p99 of the admitted (200) ones; the server's RSS before and after;
-3. disconnect storm: 200 requests at once, half of the clients hang up 20 ms after sending; then the queue-depth
-   and in-flight gauges of /metrics must return to 0 (no leaked slots);
-4. SIGTERM under load: a fresh server, the same open loop, SIGTERM half-way: every request whose connection was
-   accepted is answered (200 or 503), connections after the close are refused, no reset after sending, exit 0.
+Per workload (tiny: the test suite's tiny models, built now, a text-only JSON request; demo: demo-classify from
+model_repository, the bench's multipart requests with a JPEG photo and a WAV clip), with the server pinned to the
+server core(s) and the load generator (bench/openloop.py: several processes, keep-alive connection pools) to the
+client core(s):
 
-Without --repository the tiny test models (tests/fixtures_app.py, real ONNX graphs) are built in a temporary
-directory, so the scenario runs anywhere in a couple of minutes. Writes OUT.json and OUT.md.
+1. sustainable rate: closed loop (QUEUE_SIZE keep-alive clients: enough to fill the batches, none refused) for a
+   few seconds -> R answers 200/s;
+2. overload: open loop at FACTOR x R for SECONDS: each request must get an answer (200, or 503/429 with
+   Retry-After; 504 past its deadline), none may hang past its deadline (client limit = REQUEST_TIMEOUT_S + 10 s);
+   p50/p99 of the admitted (200) ones, counted from the moment each request was due; the server's RSS before,
+   at its peak and after;
+3. disconnect storm: 200 requests at once on fresh connections, half of the clients hang up 20 ms after sending;
+   then the queue-depth and in-flight gauges of /metrics must return to 0 (no leaked slots);
+4. SIGTERM under load: a fresh server, the same open loop, SIGTERM half-way: every request written on an
+   established connection is answered (200 or 503), connections after the listener closed are refused, none
+   is lost (reset or closed without an answer), exit code 0.
+
+`--fresh` opens a connection per request instead of keep-alive pools (what a client without pooling does).
+Writes OUT.json and OUT.md.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from bench import openloop
 from bench.servers import mmserve
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 5.0  # the server's REQUEST_TIMEOUT_S in this scenario
+QUEUE_SIZE = 64
+DRAIN_PERIOD_S = 1.0
 BODY = json.dumps({"text": "alice flew from paris to berlin and back again"}).encode()
 
 
@@ -41,7 +55,7 @@ def request_bytes(path: str = "/v1/classify") -> bytes:
 
 
 async def one_request(port: int, *, hang_up_after: float | None = None, limit: float = TIMEOUT_S + 10) -> dict:
-    """One request on a fresh connection: {'outcome': answered|refused|reset_after_send|hung|hung_up, ...}."""
+    """One request on a fresh connection (the disconnect storm): {'outcome': answered|refused|lost|hung|hung_up}."""
     t0 = time.perf_counter()
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), limit)
@@ -56,7 +70,7 @@ async def one_request(port: int, *, hang_up_after: float | None = None, limit: f
             return {"outcome": "hung_up"}
         raw = await asyncio.wait_for(reader.read(), limit)  # Connection: close: the server ends the exchange
         if not raw:
-            return {"outcome": "reset_after_send", "error": "closed without an answer"}
+            return {"outcome": "lost", "error": "closed without an answer"}
         head = raw.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
         status = int(head[0].split(" ")[1])
         headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])}
@@ -65,41 +79,9 @@ async def one_request(port: int, *, hang_up_after: float | None = None, limit: f
     except asyncio.TimeoutError:
         return {"outcome": "hung"}
     except (ConnectionResetError, BrokenPipeError, asyncio.IncompleteReadError) as exc:
-        return {"outcome": "reset_after_send", "error": type(exc).__name__}
+        return {"outcome": "lost", "error": type(exc).__name__}
     finally:
         writer.close()
-
-
-async def closed_loop(port: int, seconds: float, clients: int = 8) -> float:
-    done = 0
-    end = time.monotonic() + seconds
-
-    async def client() -> None:
-        nonlocal done
-        while time.monotonic() < end:
-            r = await one_request(port)
-            done += r.get("status") == 200
-
-    t0 = time.monotonic()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return done / (time.monotonic() - t0)
-
-
-async def open_loop(port: int, rate: float, seconds: float, at_half=None) -> tuple[list[dict], float]:
-    tasks = []
-    t0 = time.monotonic()
-    n = int(rate * seconds)
-    fired = False
-    for i in range(n):
-        delay = t0 + i / rate - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if at_half is not None and not fired and i >= n // 2:
-            at_half()
-            fired = True
-        tasks.append(asyncio.ensure_future(one_request(port)))
-    offered = n / max(1e-9, time.monotonic() - t0)
-    return list(await asyncio.gather(*tasks)), offered
 
 
 def summarise(results: list[dict]) -> dict:
@@ -132,113 +114,248 @@ def gauges(url: str) -> dict[str, float]:
     return out
 
 
-def start_server(repo: Path, log_dir: Path, name: str):
-    s = mmserve(repo, name=name, max_batch_size="auto", threads=1, cpus=None, device="cpu", log_dir=log_dir,
-                extra_env={"MMSERVE_QUEUE_SIZE": "64", "MMSERVE_REQUEST_TIMEOUT_S": str(TIMEOUT_S),
-                           "MMSERVE_DRAIN_PERIOD_S": "1", "MMSERVE_LOG_LEVEL": "WARNING"})
+class RssSampler:
+    """Peak RSS of a process, sampled every 0.2 s on a thread while a phase runs."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak, self._stop = pid, rss_mb(pid), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                self.peak = max(self.peak, rss_mb(self.pid))
+            except Exception:  # noqa: BLE001 - the process is gone (SIGTERM phase)
+                return
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def start_server(repo: Path, log_dir: Path, name: str, cpus: set[int] | None):
+    s = mmserve(repo, name=name, max_batch_size="auto", threads=1, cpus=cpus, device="cpu", log_dir=log_dir,
+                extra_env={"MMSERVE_QUEUE_SIZE": str(QUEUE_SIZE), "MMSERVE_REQUEST_TIMEOUT_S": str(TIMEOUT_S),
+                           "MMSERVE_DRAIN_PERIOD_S": str(DRAIN_PERIOD_S), "MMSERVE_LOG_LEVEL": "INFO"})
     s.start()
     return s
 
 
-async def scenario(repo: Path, seconds: float, factor: float, log_dir: Path) -> dict:
-    report: dict = {"seconds": seconds, "factor": factor, "request_timeout_s": TIMEOUT_S, "queue_size": 64}
-    server = start_server(repo, log_dir, "overload")
+def workload_requests(name: str, tmp: Path, demo_repo: Path | None) -> tuple[Path, list[openloop.Request], str]:
+    """(repository to serve, request bodies, description) of a workload."""
+    if name == "tiny":
+        sys.path.insert(0, str(ROOT))
+        from tests.fixtures_app import MODELS, build_model
+
+        repo = tmp / "tiny-repo"
+        if not repo.exists():
+            for i, model in enumerate(MODELS):
+                build_model(repo, model, seed=i)
+        return repo, [openloop.Request("/v1/classify", BODY)], (
+            "tiny-classify (the test suite's tiny ONNX graphs, tests/fixtures_app.py), a 60-byte text-only JSON "
+            "request on /v1/classify")
+    if name == "demo":
+        from bench.workload import Workload, build_requests, demo_model
+
+        found, why = demo_model(demo_repo)
+        if found is None:
+            raise SystemExit(f"bench.overload: {why}")
+        wl = Workload("demo", "demo-classify", found)
+        build_requests(wl, 64, log=lambda m: print(m, file=sys.stderr))
+        sizes = [len(b) for b in wl.bodies]
+        reqs = [openloop.Request("/v1/classify", b, wl.content_type) for b in wl.bodies]
+        return wl.repository_view(), reqs, (
+            f"demo-classify ({found}), the bench's 64 multipart requests (text, a JPEG photo, a WAV clip; "
+            f"{min(sizes) // 1024}-{max(sizes) // 1024} KiB) on /v1/classify")
+    raise SystemExit(f"bench.overload: unknown workload {name!r} (tiny, demo)")
+
+
+def scenario(name: str, repo: Path, reqs: list[openloop.Request], a: argparse.Namespace, log_dir: Path,
+             server_cpus: set[int] | None, client_cpus: set[int] | None) -> dict:
+    log = lambda m: print(f"overload [{name}]: {m}", file=sys.stderr, flush=True)  # noqa: E731
+    load = dict(procs=a.procs, connections=a.connections, timeout_s=TIMEOUT_S + 10, fresh=a.fresh, cpus=client_cpus)
+    closed_per_proc = max(1, QUEUE_SIZE // a.procs)
+    report: dict = {"seconds": a.seconds, "factor": a.factor, "request_timeout_s": TIMEOUT_S,
+                    "queue_size": QUEUE_SIZE, "drain_period_s": DRAIN_PERIOD_S}
+    server = start_server(repo, log_dir, f"overload-{name}", server_cpus)
     try:
-        await closed_loop(server.port, 2)  # warm: allocations, batch-size calibration done, caches
-        rate = await closed_loop(server.port, 5)
-        report["sustainable_per_s"] = round(rate, 1)
+        report["server_settings"] = server.notes
+        openloop.run(server.url, reqs, rate=None, seconds=3, **{**load, "connections": closed_per_proc})
+        closed = openloop.run(server.url, reqs, rate=None, seconds=a.sustain_seconds,
+                              **{**load, "connections": closed_per_proc})
+        rate = closed["statuses"].get("200", 0) / a.sustain_seconds
+        report["sustainable"] = {"per_s": round(rate, 1), "p50_ms": closed["p50_ms_200"], "p99_ms": closed["p99_ms_200"],
+                                 "connections": closed_per_proc * a.procs, "statuses": closed["statuses"]}
+        log(f"sustainable {rate:.1f}/s (closed loop, {closed_per_proc * a.procs} connections)")
+        time.sleep(1)
         rss_before = rss_mb(server.proc.pid)
-        results, offered = await open_loop(server.port, factor * rate, seconds)
-        await asyncio.sleep(1)
-        report["overload"] = {**summarise(results), "offered_per_s": round(offered, 1),
-                              "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_mb(server.proc.pid), 1)}
-        storm = [one_request(server.port, hang_up_after=0.02 if i % 2 else None) for i in range(200)]
-        storm_results = await asyncio.gather(*storm)
+        with RssSampler(server.proc.pid) as rss:
+            over = openloop.run(server.url, reqs, rate=a.factor * rate, seconds=a.seconds, **load)
+        time.sleep(2)
+        report["overload"] = {**over, "rss_before_mb": round(rss_before, 1), "rss_peak_mb": round(rss.peak, 1),
+                              "rss_after_mb": round(rss_mb(server.proc.pid), 1)}
+        log(f"overload: {json.dumps({k: over[k] for k in ('outcomes', 'statuses', 'p50_ms_200', 'p99_ms_200')})}")
+        time.sleep(5)
+        report["overload"]["rss_after_7s_mb"] = round(rss_mb(server.proc.pid), 1)
+
+        async def storm() -> list[dict]:
+            return await asyncio.gather(*(one_request(server.port, hang_up_after=0.02 if i % 2 else None)
+                                          for i in range(200)))
+
+        storm_results = asyncio.run(storm())
         end = time.monotonic() + 30
         g = gauges(server.url)
         while time.monotonic() < end and any(g.values()):
-            await asyncio.sleep(0.2)
+            time.sleep(0.2)
             g = gauges(server.url)
         report["disconnect_storm"] = {**summarise([r for r in storm_results if r["outcome"] != "hung_up"]),
                                       "hung_up": sum(r["outcome"] == "hung_up" for r in storm_results),
                                       "gauges_after": g}
     finally:
         server.stop(timeout=30)
-    server = start_server(repo, log_dir, "sigterm")
-    try:
-        await closed_loop(server.port, 2)
-        proc = server.proc
-        results, offered = await open_loop(server.port, factor * rate, min(seconds, 20),
-                                           at_half=lambda: proc.send_signal(signal.SIGTERM))
-        code = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 60)
-        s = summarise(results)
-        accepted = sum(r["outcome"] != "refused" for r in results)
-        report["sigterm"] = {**s, "offered_per_s": round(offered, 1), "accepted": accepted,
-                             "answered": s["outcomes"].get("answered", 0),
-                             "lost": s["outcomes"].get("reset_after_send", 0) + s["outcomes"].get("hung", 0),
-                             "refused_after_close": s["outcomes"].get("refused", 0), "exit_code": code}
-    finally:
-        server.stop(timeout=30)
+    for phase, fresh in (("sigterm", a.fresh), ("sigterm_fresh", True)):
+        if phase == "sigterm_fresh" and a.fresh:
+            continue
+        report[phase] = sigterm_phase(name, repo, reqs, a, log_dir, server_cpus, {**load, "fresh": fresh}, rate,
+                                      closed_per_proc, log)
     return report
 
 
-def markdown(r: dict) -> str:
-    o, st, sg = r["overload"], r["disconnect_storm"], r["sigterm"]
-    hung = o["outcomes"].get("hung", 0)
-    return "\n".join([
-        "# Overload, disconnect storm, SIGTERM under load", "",
-        f"Sustainable rate (closed loop, 8 clients): **{r['sustainable_per_s']}/s**; open loop at {r['factor']}x for "
-        f"{r['seconds']} s, each request on a fresh connection (offered {o['offered_per_s']}/s, the one-process "
-        f"client's ceiling may be lower than asked); REQUEST_TIMEOUT_S={r['request_timeout_s']}, "
-        f"QUEUE_SIZE={r['queue_size']}.", "",
-        "| phase | sent | answered | 200 | 503/429 (with Retry-After) | 504 | hung | reset after send | refused | p50 / p99 of 200 (ms) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *(f"| {name} | {x['sent']} | {x['outcomes'].get('answered', 0)} | {x['statuses'].get('200', 0)} | "
-          f"{x['refusals']} ({x['refusals_with_retry_after']}) | {x['statuses'].get('504', 0)} | "
-          f"{x['outcomes'].get('hung', 0)} | {x['outcomes'].get('reset_after_send', 0)} | {x['outcomes'].get('refused', 0)} | "
-          f"{x['p50_ms_200']} / {x['p99_ms_200']} |" for name, x in (("overload", o), ("disconnect storm (stayed)", st),
-                                                                    ("SIGTERM half-way", sg))),
-        "",
-        f"- Overload: {hung} request(s) hung past the deadline; server RSS {o['rss_before_mb']} MB before, "
-        f"{o['rss_after_mb']} MB after ({(o['rss_after_mb'] / o['rss_before_mb'] - 1) * 100:+.1f}%).",
-        f"- Disconnect storm: {st['hung_up']} of 200 clients hung up 20 ms after sending; gauges afterwards: "
-        f"{st['gauges_after']}.",
-        f"- SIGTERM: {sg['accepted']} connections accepted, {sg['answered']} answered, {sg['lost']} lost, "
-        f"{sg['refused_after_close']} refused after the listener closed; exit code {sg['exit_code']}.",
-        f"- Statuses and client-side errors: overload {o['statuses']} {o['errors']}; SIGTERM {sg['statuses']} "
-        f"{sg['errors']}.", "",
-        "Reading it: the load generator is one Python process opening a fresh connection per request. Past about "
-        "1,000 new connections a second on a 2-core machine it is the bottleneck: `refused: OSError` are its own "
-        "connect failures (ephemeral ports in TIME_WAIT, not the server refusing), a 408 is a connection the "
-        "client opened and then did not write its request on for HEADER_TIMEOUT_S (the server answers it and "
-        "closes), and the latency of a 200 includes the client's own queueing. `reset after send` in the "
-        "SIGTERM phase are connections the client saw as open that got no answer: connections past a full "
-        "accept queue (the kernel completes the client's handshake but keeps the connection out of the "
-        "backlog the server drains) cannot be told apart from the client side.", ""])
+def sigterm_phase(name, repo, reqs, a, log_dir, server_cpus, load, rate, closed_per_proc, log) -> dict:
+    server = start_server(repo, log_dir, f"sigterm-{name}" + ("-fresh" if load["fresh"] else ""), server_cpus)
+    try:
+        openloop.run(server.url, reqs, rate=None, seconds=3, **{**load, "connections": closed_per_proc, "fresh": False})
+        proc = server.proc
+        seconds = min(a.seconds, a.sigterm_seconds)
+        sent_at = []
+
+        def term() -> None:
+            sent_at.append(time.monotonic())
+            proc.send_signal(signal.SIGTERM)
+
+        res = openloop.run(server.url, reqs, rate=a.factor * rate, seconds=seconds, at=(seconds / 2, term), **load)
+        try:
+            code = proc.wait(60)
+        except Exception:  # noqa: BLE001
+            code = None
+        o = res["outcomes"]
+        backlog = [line for line in server.tail(200).splitlines() if "listener closed" in line]
+        out = {**res, "admitted": res["sent"], "answered": o.get("answered", 0),
+               "lost": o.get("lost", 0) + o.get("hung", 0), "refused": o.get("refused", 0),
+               "exit_code": code, "server_log_listener_closed": backlog[-1:]}
+        log(f"sigterm (fresh connections: {load['fresh']}): "
+            f"{json.dumps({k: out[k] for k in ('admitted', 'answered', 'lost', 'refused', 'statuses', 'exit_code')})}")
+        return out
+    finally:
+        server.stop(timeout=30)
+
+
+def _row(name: str, x: dict) -> str:
+    o, st = x["outcomes"], x["statuses"]
+    return (f"| {name} | {x.get('due', x.get('sent'))} | {o.get('answered', 0)} | {st.get('200', 0)} | "
+            f"{x['refusals']} ({x['refusals_with_retry_after']}) | {st.get('504', 0)} | {st.get('408', 0)} | "
+            f"{sum(v for k, v in st.items() if k not in ('200', '429', '503', '504', '408'))} | "
+            f"{o.get('hung', 0)} | {o.get('lost', 0)} | {o.get('refused', 0)} | {o.get('unsent', 0)} | "
+            f"{x['p50_ms_200']} / {x['p99_ms_200']} |")
+
+
+def markdown(report: dict) -> str:
+    m = report["meta"]
+    out = ["# Overload, disconnect storm, SIGTERM under load", "",
+           f"{m['started']} · {m['machine']} · server pinned to cores {m['server_cpus']} (onnxruntime 1 intra-op "
+           f"thread), load generator on cores {m['client_cpus']} · {m['note']}", "",
+           f"Load generator: `bench/openloop.py`, {m['procs']} processes x {m['connections']} "
+           + ("fresh connections (one per request)" if m["fresh"] else "keep-alive connections") +
+           f" (raw HTTP/1.1, uvloop); open loop: request k is due at k / rate whatever the server does, and its "
+           f"latency counts from then (queueing in the client included). Server: REQUEST_TIMEOUT_S={TIMEOUT_S}, "
+           f"QUEUE_SIZE={QUEUE_SIZE}, DRAIN_PERIOD_S={DRAIN_PERIOD_S}, MAX_BATCH_SIZE=auto. "
+           f"A request is `hung` with no answer {TIMEOUT_S + 10:.0f} s after it was written. Command: "
+           f"`{m['command']}`.", ""]
+    for name, r in report["workloads"].items():
+        o, st, sg, su = r["overload"], r["disconnect_storm"], r["sigterm"], r["sustainable"]
+        sf = r.get("sigterm_fresh")
+        out += [f"## {name}: {r['description']}", "",
+                f"Sustainable rate (closed loop, {su['connections']} keep-alive clients): **{su['per_s']}/s** "
+                f"(p50 {su['p50_ms']} ms, p99 {su['p99_ms']} ms). Open loop at {r['factor']}x: "
+                f"**{o['offered_per_s']}/s offered** for {r['seconds']:.0f} s.", "",
+                "| phase | due | answered | 200 | 503/429 (with Retry-After) | 504 | 408 | other | hung | lost | "
+                "refused | unsent | p50 / p99 of 200 (ms) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+                _row(f"overload {r['factor']:g}x, {r['seconds']:.0f} s", o),
+                _row("disconnect storm (the clients that stayed)", st),
+                _row(f"SIGTERM at {sg['seconds'] / 2:.0f} s of {sg['seconds']:.0f} s"
+                     + (", fresh connections" if sg["fresh_connections"] else ", keep-alive"), sg),
+                *([_row(f"SIGTERM at {sf['seconds'] / 2:.0f} s of {sf['seconds']:.0f} s, fresh connections", sf)]
+                  if sf else []), "",
+                f"- Overload: {o['ok_per_s']} answers 200/s; {o['outcomes'].get('hung', 0)} hung, "
+                f"{o['outcomes'].get('lost', 0)} lost; p50 / p99 of 200 counted from the write (the server's side): "
+                f"{o['p50_ms_200_from_write']} / {o['p99_ms_200_from_write']} ms; "
+                f"client-side wait for a connection p50 {o['client_wait_p50_ms']} ms, "
+                f"p99 {o['client_wait_p99_ms']} ms; p99 of every answer {o['p99_ms_all']} ms. Server RSS "
+                f"{o['rss_before_mb']} MB before, {o['rss_peak_mb']} MB at the peak, {o['rss_after_mb']} MB 2 s after "
+                f"({(o['rss_after_mb'] / o['rss_before_mb'] - 1) * 100:+.1f}%), {o['rss_after_7s_mb']} MB 7 s after.",
+                f"- Disconnect storm: {st['hung_up']} of 200 clients hung up 20 ms after sending; gauges afterwards: "
+                f"{st['gauges_after']}.",
+                f"- SIGTERM: **{sg['admitted']} requests admitted** (written on an established connection), "
+                f"**{sg['answered']} answered** ({sg['statuses']}), **{sg['lost']} lost**, {sg['refused']} connections "
+                f"refused after the listener closed, {sg['outcomes'].get('unsent', 0)} unsent; exit code "
+                f"{sg['exit_code']}. Server: {' '.join(sg['server_log_listener_closed']) or '-'}",
+                *([f"- SIGTERM, fresh connections: **{sf['admitted']} admitted**, **{sf['answered']} answered** "
+                   f"({sf['statuses']}), **{sf['lost']} lost**, {sf['refused']} refused, "
+                   f"{sf['outcomes'].get('unsent', 0)} unsent; exit code {sf['exit_code']}. Server: "
+                   f"{' '.join(sf['server_log_listener_closed']) or '-'}"] if sf else []),
+                f"- Client-side errors: overload {o['errors'] or '{}'}; SIGTERM {sg['errors'] or '{}'}"
+                + (f"; SIGTERM, fresh connections {sf['errors'] or '{}'}" if sf else "") + ".", ""]
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repository", type=Path, help="model repository (default: tiny test models, built now)")
+    p.add_argument("--workloads", default="tiny", help="comma-separated: tiny,demo")
+    p.add_argument("--demo-repo", type=Path, default=None, help="repository holding demo-classify (default model_repository)")
     p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--sigterm-seconds", type=float, default=20.0, help="length of the SIGTERM phase (SIGTERM half-way)")
+    p.add_argument("--sustain-seconds", type=float, default=5.0)
     p.add_argument("--factor", type=float, default=5.0)
+    p.add_argument("--procs", type=int, default=4, help="load generator processes")
+    p.add_argument("--connections", type=int, default=256, help="keep-alive connections per load process")
+    p.add_argument("--fresh", action="store_true", help="a fresh connection per request (no keep-alive)")
+    p.add_argument("--server-cpus", default=None, help="default: all cores but the first (2 cores: 1)")
+    p.add_argument("--client-cpus", default=None, help="default: the first core (0)")
+    p.add_argument("--note", default="", help="a line for the report (e.g. what else ran on the machine)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload")
     a = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        repo = a.repository
-        if repo is None:
-            sys.path.insert(0, str(ROOT))
-            from tests.fixtures_app import MODELS, build_model
+    from bench.__main__ import _cpus, default_split
 
-            repo = Path(tmp) / "repo"
-            for i, name in enumerate(MODELS):
-                build_model(repo, name, seed=i)
-        report = asyncio.run(scenario(repo, a.seconds, a.factor, Path(tmp) / "logs"))
+    d_server, d_client = default_split()
+    server_cpus, client_cpus = _cpus(a.server_cpus, d_server), _cpus(a.client_cpus, d_client)
+    os.sched_setaffinity(0, client_cpus)
+    report: dict = {"meta": {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                             "machine": f"{os.uname().nodename} {os.cpu_count()} cpus",
+                             "server_cpus": sorted(server_cpus), "client_cpus": sorted(client_cpus),
+                             "procs": a.procs, "connections": a.connections, "fresh": a.fresh,
+                             "loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "note": a.note,
+                             "command": "python -m bench.overload " + " ".join(sys.argv[1:] if argv is None else argv)},
+                    "workloads": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in a.workloads.split(","):
+            repo, reqs, description = workload_requests(name, Path(tmp), a.demo_repo)
+            report["workloads"][name] = {"description": description,
+                                         **scenario(name, repo, reqs, a, Path(tmp) / "logs", server_cpus, client_cpus)}
+    report["meta"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    a.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=_np) + "\n")
     a.out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
     return 0
+
+
+def _np(o):
+    return o.tolist() if isinstance(o, np.ndarray) else str(o)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from app.core import preprocess
 from app.core.batcher import ItemResult, Prepared
-from app.core.errors import ClientGone, DeadlineExceeded, InternalError, ServingError
+from app.core.errors import ClientGone, DeadlineExceeded, InternalError, QueueFull, ServingError
 from app.core.items import Item
 from app.core.loading import ModelEntry
 from app.core.registry import Registry
@@ -61,6 +62,7 @@ class Service:
         self.pool: ThreadPoolExecutor | None = None
         self.inflight = 0
         self._idle = asyncio.Event()
+        self._preparing: dict[int, int] = {}  # id(entry) -> items admitted and being preprocessed, not yet queued
 
     def start(self) -> None:
         self.pool = ThreadPoolExecutor(self.preprocess_workers, thread_name_prefix="preprocess")
@@ -141,8 +143,11 @@ class Service:
     async def _run_items(self, request_id: str, disconnected: Callable[[], Awaitable[Any]], task: Task,
                          entry: ModelEntry, items: list[Item], deadline: float) -> list[ItemOutcome]:
         outcomes = [ItemOutcome() for _ in items]
+        admitted = self._admit(entry, outcomes)
 
         async def prepare(i: int, item: Item) -> None:
+            if outcomes[i].error is not None:  # refused at admission
+                return
             try:
                 preprocess.check_input(entry, task, item)
                 outcomes[i].prepared, outcomes[i].preprocess_s = await self._prepare(entry, task, item)
@@ -156,7 +161,10 @@ class Service:
                 log.exception("preprocessing failed")
                 outcomes[i].error = InternalError("internal error while preprocessing", request_id=request_id)
 
-        await asyncio.gather(*(prepare(i, item) for i, item in enumerate(items)))
+        try:
+            await asyncio.gather(*(prepare(i, item) for i, item in enumerate(items)))
+        finally:
+            self._release(entry, admitted)
         futures: dict[int, asyncio.Future] = {}
         if time.monotonic() >= deadline:  # spent in preprocessing
             for oc in outcomes:
@@ -190,6 +198,34 @@ class Service:
                 log.exception("postprocessing failed")
                 oc.error = InternalError("postprocessing failed", request_id=request_id)
         return outcomes
+
+    def _admit(self, entry: ModelEntry, outcomes: list[ItemOutcome]) -> int:
+        """Admission before preprocessing: the items the model's queue could still take (counting those being
+        preprocessed now) go on; the others are refused at once (503 + Retry-After) without decoding their media.
+        Under overload, refusing after preprocessing spent the CPU the admitted requests needed on requests that
+        were refused anyway, and the preprocessing pool's queue (unbounded) grew past every deadline."""
+        batcher = entry.batcher
+        if batcher is None:
+            return 0
+        free = batcher.queue_size - batcher.depth - self._preparing.get(id(entry), 0)
+        admitted = 0
+        for oc in outcomes:
+            if admitted < free:
+                admitted += 1
+            else:
+                oc.error = QueueFull(entry.name, retry_after=max(1, math.ceil(batcher.max_delay_s * 2)))
+                self.metrics.rejections.labels(entry.name, "queue_full").inc()
+        if admitted:
+            self._preparing[id(entry)] = self._preparing.get(id(entry), 0) + admitted
+        return admitted
+
+    def _release(self, entry: ModelEntry, admitted: int) -> None:
+        if admitted:
+            left = self._preparing.get(id(entry), 0) - admitted
+            if left > 0:
+                self._preparing[id(entry)] = left
+            else:
+                self._preparing.pop(id(entry), None)
 
     def _health(self, entry: ModelEntry, outcomes: list[ItemOutcome], futures: dict[int, asyncio.Future],
                 submitted: float) -> None:
