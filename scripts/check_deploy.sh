@@ -95,6 +95,8 @@ run_checks() {
     check "docker compose --profile cpu config -q" compose --profile cpu config -q
     check "hadolint Dockerfile" "$TOOLS/bin/hadolint" --no-color --failure-threshold info Dockerfile
     check "promtool check config" "$TOOLS/bin/promtool" check config deploy/prometheus/prometheus.yml
+    check "promtool check rules" "$TOOLS/bin/promtool" check rules deploy/prometheus/alerts.yml
+    check "promtool test rules (alert unit tests)" "$TOOLS/bin/promtool" test rules tests/prometheus/alerts_test.yml
     local values
     for values in deploy/helm/mmserve/ci/*-values.yaml; do
         check "helm lint deploy/helm/mmserve -f $values" \

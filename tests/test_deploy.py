@@ -271,12 +271,17 @@ def test_dockerfile_contract():
     for name in ("serve-gpu", "serve-cpu"):
         body = stages[name]
         assert re.search(r"^HEALTHCHECK .*CMD \[.*/readyz", body, flags=re.M), f"JSON-form HEALTHCHECK in {name}"
-        assert re.search(r"^EXPOSE 8000$", body, flags=re.M), name
+        assert re.search(r"^EXPOSE 8000 8001$", body, flags=re.M), f"HTTP and gRPC ports in {name}"
+        assert "MMSERVE_PORT=8000" in body and "MMSERVE_GRPC_PORT=8001" in body, name
         assert 'VOLUME ["/models"]' in body and "MMSERVE_REPOSITORY=/models" in body, name
         assert "onnxruntime-gpu==" in body and not re.search(r"[\s\"]onnxruntime==", body), name
         for heavy in ("torch", "transformers", "peft", "onnxscript", "[train]", "scikit"):
             assert heavy not in body, f"{heavy} in serving stage {name}"
     assert "torch==${TORCH_VERSION}" in stages["train"] and "mmserve[train]" in stages["train"]
+    # both builders: no BuildKit frontend line; the classic builder builds every stage above its target, so the
+    # CPU image comes before the CUDA stages
+    assert not re.search(r"^#\s*syntax=", text, flags=re.M)
+    assert list(stages).index("serve-cpu") < list(stages).index("cuda-base")
 
 
 # ---------------------------------------------------------------------------------------------
