@@ -165,12 +165,17 @@ def run_limit(wl, args, server_cpus: set[int], threads: int, log_dir: Path) -> d
                 "--threads", str(threads), "--device", args.device, "--batch-sizes", ",".join(map(str, sizes)),
                 "--min-seconds", "0.5" if args.quick else "3.0"]
 
-        def pin():
-            os.sched_setaffinity(0, server_cpus)
+        from bench import servers
 
-        with open(log_dir / f"limit-{wl.name}.log", "wb") as log:
-            subprocess.run(argv, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin,
-                           timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        with open(log_dir / f"limit-{wl.name}.log", "wb") as log:  # its own group: stopped with the bench
+            proc = servers.spawn(argv, cpus=server_cpus, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            try:
+                code = proc.wait(900)
+            finally:
+                servers.kill_group(proc, timeout=5)
+        if code != 0:
+            raise subprocess.CalledProcessError(code, argv)
         return json.loads(out.read_text())
 
 
@@ -250,6 +255,9 @@ def _versions() -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    from bench import servers
+
+    servers.install_signal_handlers()  # SIGTERM / Ctrl-C / SIGHUP: no server outlives the bench
     started = time.monotonic()
     deadline = started + 60 * args.max_minutes
     names = (args.workloads or ("tiny" if args.quick else "demo" if args.protocols else "tiny,demo")).split(",")
