@@ -20,6 +20,14 @@ client cannot tell such a request from one lost mid-inference. Here, on SIGTERM 
 A second signal skips what is left of the drain period. The process owns its listening socket and hands
 uvicorn a duplicate of it: uvicorn closing its copy leaves the socket (and its backlog) open until step 3 has
 answered the backlog.
+
+Accepting under load: libuv (under uvloop, uvicorn's default loop) accepts one connection per event-loop
+iteration (libuv 1.45, "don't accept() connections in a loop"). When the loop is saturated an iteration takes tens
+of milliseconds, so new connections wait in the kernel's accept queue for seconds, their requests already sent
+(bench/overload.py at 5x load: 600-850 connections queued, drained at ~15/s; hundreds of requests unanswered after
+15 s while requests on accepted connections were served). The server therefore also watches its own copy of the
+listening socket and, each time it is readable, accepts up to ACCEPT_BURST connections and hands them to uvicorn's
+protocol, as asyncio's own loop does.
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ log = logging.getLogger("mmserve.server")
 HEAD_TIMEOUT_S = 5.0  # a backlog connection that sends no request head in this long is closed unanswered
 MAX_HEAD_BYTES = 64 * 1024
 MAX_BACKLOG_SWEEP = 65536  # accept() calls at most when taking the backlog (a bound, not a limit in practice)
+ACCEPT_BURST = 128  # connections accepted per readiness of the listening socket (module docstring)
 
 
 def refusal(path: str, retry_after: int) -> bytes:
@@ -113,6 +122,7 @@ class DrainingServer(uvicorn.Server):
         self.linger_s = linger_s
         self.listener: socket.socket | None = None
         self.backlog_answered = 0
+        self._accepting = False
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         """As uvicorn's, except that a SIGTERM shutdown, once drained, exits 0: uvicorn re-raises the signal after
@@ -124,6 +134,49 @@ class DrainingServer(uvicorn.Server):
         """Bind the listening socket (as uvicorn would), keep it, and serve on a duplicate of it."""
         self.listener = self.config.bind_socket()
         self.run(sockets=[self.listener.dup()])
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.listener is not None and not self.should_exit and getattr(self, "started", True):
+            self.listener.setblocking(False)
+            asyncio.get_running_loop().add_reader(self.listener.fileno(), self._accept_burst)
+            self._accepting = True
+
+    def _stop_accepting(self) -> None:
+        if self._accepting and self.listener is not None:
+            asyncio.get_running_loop().remove_reader(self.listener.fileno())
+            self._accepting = False
+
+    def _accept_burst(self) -> None:
+        """Accept up to ACCEPT_BURST waiting connections and serve each with uvicorn's protocol."""
+        assert self.listener is not None
+        loop = asyncio.get_running_loop()
+        config = self.config
+        for _ in range(ACCEPT_BURST):
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:  # EMFILE and the like: leave the rest to the loop's own accept
+                log.warning("accept failed: %s", exc)
+                return
+            conn.setblocking(False)
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def protocol() -> asyncio.Protocol:
+                return config.http_protocol_class(config=config, server_state=self.server_state,  # type: ignore[call-arg]
+                                                  app_state=self.lifespan.state, _loop=loop)
+
+            loop.create_task(self._serve_accepted(loop, protocol, conn))
+
+    @staticmethod
+    async def _serve_accepted(loop: asyncio.AbstractEventLoop, protocol: Callable[[], asyncio.Protocol],
+                              conn: socket.socket) -> None:
+        try:
+            await loop.connect_accepted_socket(protocol, sock=conn)
+        except OSError:  # the client left before it could be served
+            conn.close()
 
     async def _let_fresh_connections_ask(self) -> None:
         """uvicorn's shutdown closes every connection that has no request in progress, and one the loop accepted
@@ -153,6 +206,7 @@ class DrainingServer(uvicorn.Server):
         end = loop.time() + self.drain_period_s
         while not self.force_exit and (left := end - loop.time()) > 0:
             await asyncio.sleep(min(0.1, left))
+        self._stop_accepting()
         for server in self.servers:
             server.close()  # the event loop stops accepting (it closes its copy of the listening socket)
         answering: list[asyncio.Task[bool]] = []
