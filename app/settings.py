@@ -85,7 +85,11 @@ class Settings(BaseSettings):
         description="How long a forming batch may wait for more requests while the model is busy, counted from its "
         "first request. An idle model runs waiting requests at once.",
     )
-    queue_size: int = Field(256, ge=1, description="Requests waiting per model; beyond it requests get 503 + Retry-After.")
+    queue_size: int = Field(
+        256, ge=1,
+        description="Requests waiting per model, counting those being preprocessed; beyond it requests get "
+        "503 + Retry-After at once, before their media are decoded.",
+    )
     request_timeout_s: float = Field(
         30.0, gt=0, description="Deadline per request (a request may ask for less with `timeout_ms`); past it, 504."
     )
