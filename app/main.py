@@ -120,7 +120,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
 
-    # outermost first: request id / catch-all -> API keys -> body limit -> routes
+    # outermost first: request id / catch-all -> API keys -> body limit -> the /v1 task fast path -> routes
+    app.add_middleware(rest.TaskFastPath, routes=rest.fast_routes(service, max_upload_bytes=settings.max_upload_bytes,
+                                                                 max_batch_items=settings.max_batch_items))
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes, linger_bytes=settings.linger_bytes,
                        linger_s=settings.linger_s)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)

@@ -4,6 +4,8 @@ Each app owns its own CollectorRegistry so several apps (tests) never collide.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from app.core.stats import Statistics
@@ -46,6 +48,17 @@ class Metrics:
                                 ["model", "version", "backend", "device", "provider", "state"], registry=r)
         # Triton-style counters (v2 statistics extension), counted where the metrics above are observed
         self.stats = Statistics()
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: the per-request paths use this (prometheus_client's `labels`
+        validates and joins the values and takes a lock on every call). Only for series that are never removed
+        (model_info's are, and are not asked for here). Safe from any thread (a race makes the same child twice)."""
+        key = (metric, labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
 
     def set_model_info(self, model: str, version: str, backend: str, device: str, provider: str, state: str) -> None:
         # one series per model: drop the previous state's series

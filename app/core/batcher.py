@@ -3,7 +3,10 @@
 Policy (explicit, in the spirit of TEI's continuous batching with Triton's max-queue-delay knob):
 
 * Idle model + waiting requests -> the batch goes at once (up to `max_batch_size`). There is no
-  artificial delay at low load: latency at concurrency 1 is preprocessing + one inference.
+  artificial delay at low load: latency at concurrency 1 is preprocessing + one inference. A request that
+  finds the model idle and nothing queued is handed to the inference thread by `submit` itself (no wake-up of
+  the scheduling task in between); a caller with several items submits them with `dispatch=False` and then
+  calls `dispatch()`, so they still go as one batch.
 * Busy model -> the next batch forms while the current one runs. It is sealed when it is full, when
   `max_delay` has passed since its *first* request was queued, or when the model goes idle, whichever
   comes first. A sealed batch is handed to the model's single inference thread and runs as soon as the
@@ -27,11 +30,11 @@ import logging
 import math
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from app.core.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
+from app.core.workers import LoopWorkers
 from app.logging import request_id_var
 
 log = logging.getLogger("mmserve.batcher")
@@ -89,16 +92,22 @@ class Batcher:
         self.metrics = metrics
         self._pending: deque[WorkItem] = deque()
         self._wake: asyncio.Event | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
+        self._executor = LoopWorkers(1, f"infer-{name}")  # the model's one inference thread
         self._outstanding = 0  # batches handed to the executor and not finished
         self._accepting = False
         self._task: asyncio.Task | None = None
         self.batches_run = 0
         self.items_run = 0
         self.last_progress = time.monotonic()  # when a batch last finished (or the batcher was made)
+        self._m: dict[str, Any] = {}  # this model's labelled metric children (labels() once, not per request)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
+        m = self.metrics
+        if m is not None:
+            self._m = {"batch_size": m.batch_size.labels(self.name), "inference": m.inference.labels(self.name),
+                       "queue_wait": m.queue_wait.labels(self.name), "queue_depth": m.queue_depth.labels(self.name),
+                       "stats": m.stats.model(self.name)}
         self._wake = asyncio.Event()
         self._accepting = True
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
@@ -127,23 +136,42 @@ class Batcher:
                 item = self._pending.popleft()
                 if not item.future.done():
                     item.future.set_exception(NotReady("server shutting down"))
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown()
 
     # -- admission ---------------------------------------------------------------------------
-    def submit(self, payload: Any, deadline: float, request_id: str = "-") -> asyncio.Future:
+    def submit(self, payload: Any, deadline: float, request_id: str = "-", dispatch: bool = True) -> asyncio.Future:
+        """Queue one item; its future gets the ItemResult (or the error). `dispatch=False`: more items of the same
+        caller follow (call `dispatch()` after the last), so an idle model takes them as one batch."""
         if not self._accepting:
             raise NotReady(f"model '{self.name}' is not accepting requests (shutting down)")
         if len(self._pending) >= self.queue_size:
             self._reject("queue_full")
             # rough time to work off the queue, at least 1 s
             raise QueueFull(self.name, retry_after=max(1, math.ceil(self.max_delay_s * 2)))
-        now = time.monotonic()
-        item = WorkItem(payload, asyncio.get_running_loop().create_future(), deadline, now, request_id)
+        loop = asyncio.get_running_loop()
+        item = WorkItem(payload, loop.create_future(), deadline, time.monotonic(), request_id)
         self._pending.append(item)
-        self._gauge()
-        assert self._wake is not None
-        self._wake.set()
+        if dispatch:
+            self._dispatch(loop)
         return item.future
+
+    def dispatch(self) -> None:
+        """Items submitted with `dispatch=False` may go now."""
+        if self._pending:
+            self._dispatch(asyncio.get_running_loop())
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._outstanding == 0 and self._accepting:  # idle model: the batch goes now, from here
+            self._seal(loop)
+            return
+        self._gauge()
+        # Busy model: the scheduling task sleeps until a batch ends (two outstanding) or until the forming batch's
+        # max_delay (counted from its first item). Only a first item (it starts that clock) or a full batch
+        # changes what it waits for; waking it for every other arrival was CPU spent under load for nothing.
+        n = len(self._pending)
+        if n == 1 or n >= self.max_batch_size or not self._accepting:
+            assert self._wake is not None
+            self._wake.set()
 
     # -- scheduling --------------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -162,10 +190,11 @@ class Batcher:
             if self._outstanding == 1 and self._accepting and len(self._pending) < self.max_batch_size:
                 remaining = self._pending[0].enqueued + self.max_delay_s - time.monotonic()
                 if remaining > 0:
+                    timer = loop.call_later(remaining, self._wake.set)
                     try:
-                        await asyncio.wait_for(self._wake.wait(), remaining)
-                    except (asyncio.TimeoutError, TimeoutError):
-                        pass
+                        await self._wake.wait()
+                    finally:
+                        timer.cancel()
                     continue
             self._seal(loop)
 
@@ -185,7 +214,7 @@ class Batcher:
         if not batch:
             return
         self._outstanding += 1
-        fut = loop.run_in_executor(self._executor, self._run, batch)
+        fut = self._executor.submit(loop, self._run, batch)
         fut.add_done_callback(lambda f, b=batch: self._done(b, f))
 
     def _run(self, batch: list[WorkItem]) -> _BatchRun:
@@ -238,13 +267,14 @@ class Batcher:
                     item.future.set_exception(InferenceFailed())
             return
         run: _BatchRun = fut.result()
+        m = self._m
         if run.size:
             self.batches_run += 1
             self.items_run += run.size
-            if self.metrics is not None:
-                self.metrics.batch_size.labels(self.name).observe(run.size)
-                self.metrics.inference.labels(self.name).observe(run.seconds)
-                self.metrics.stats.model(self.name).execution(run.size, run.seconds)
+            if m:
+                m["batch_size"].observe(run.size)
+                m["inference"].observe(run.seconds)
+                m["stats"].execution(run.size, run.seconds)
         for oc in run.outcomes:
             item = oc.item
             if oc.kind == "gone" or item.future.done():
@@ -254,9 +284,9 @@ class Batcher:
                 item.future.set_exception(DeadlineExceeded())
                 continue
             queue_s = run.started - item.enqueued
-            if self.metrics is not None:
-                self.metrics.queue_wait.labels(self.name).observe(queue_s)
-                stats = self.metrics.stats.model(self.name)
+            if m:
+                m["queue_wait"].observe(queue_s)
+                stats = m["stats"]
                 stats.queue.add(queue_s)
                 if oc.kind == "ok":
                     stats.compute_infer.add(run.seconds)
@@ -276,5 +306,5 @@ class Batcher:
             self.metrics.rejections.labels(self.name, reason).inc()
 
     def _gauge(self) -> None:
-        if self.metrics is not None:
-            self.metrics.queue_depth.labels(self.name).set(len(self._pending))
+        if self._m:
+            self._m["queue_depth"].set(len(self._pending))

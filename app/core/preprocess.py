@@ -53,7 +53,7 @@ def prepare(entry: Any, task: Task, item: Item, metrics: Any = None) -> Prepared
 
     def observe(modality: str, t0: float) -> None:
         if metrics is not None:
-            metrics.preprocess.labels(entry.name, modality).observe(time.perf_counter() - t0)
+            metrics.child(metrics.preprocess, entry.name, modality).observe(time.perf_counter() - t0)
 
     try:
         f = Features()

@@ -4,11 +4,9 @@ returns the core's errors (`app/core/errors.py`)."""
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
@@ -19,6 +17,7 @@ from app.core.errors import ClientGone, DeadlineExceeded, InternalError, QueueFu
 from app.core.items import Item
 from app.core.loading import ModelEntry
 from app.core.registry import Registry
+from app.core.workers import LoopWorkers
 from app.metrics import Metrics
 from app.tasks import Task
 
@@ -59,13 +58,13 @@ class Service:
         self.preprocess_workers = preprocess_workers
         self.request_timeout_s = request_timeout_s
         self.unhealthy_after_timeouts = unhealthy_after_timeouts
-        self.pool: ThreadPoolExecutor | None = None
+        self.pool: LoopWorkers | None = None
         self.inflight = 0
         self._idle = asyncio.Event()
         self._preparing: dict[int, int] = {}  # id(entry) -> items admitted and being preprocessed, not yet queued
 
     def start(self) -> None:
-        self.pool = ThreadPoolExecutor(self.preprocess_workers, thread_name_prefix="preprocess")
+        self.pool = LoopWorkers(self.preprocess_workers, "preprocess")
         self._idle = asyncio.Event()
         self._idle.set()
         if self.control is not None:
@@ -82,7 +81,7 @@ class Service:
             log.error("shutdown: %d request(s) still in flight after %.0fs", self.inflight, timeout)
         await self.registry.drain(timeout)
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool.shutdown()
 
     def deadline(self, call: Call, timeout_ms: int | None) -> float:
         seconds = self.request_timeout_s
@@ -95,29 +94,30 @@ class Service:
     def call(self, endpoint: str) -> Iterator[Call]:
         """In-flight gauge, idle tracking for shutdown, and the request counter and latency on the way out."""
         call = Call(endpoint)
+        m = self.metrics
         self.inflight += 1
         self._idle.clear()
-        self.metrics.inflight.labels(endpoint).inc()
+        inflight = m.child(m.inflight, endpoint)
+        inflight.inc()
         try:
             yield call
         finally:
             self.inflight -= 1
             if self.inflight == 0:
                 self._idle.set()
-            self.metrics.inflight.labels(endpoint).dec()
+            inflight.dec()
             elapsed = time.perf_counter() - call.started
-            self.metrics.requests.labels(endpoint, call.model, str(call.status)).inc()
-            self.metrics.request_duration.labels(endpoint, call.model).observe(elapsed)
+            m.child(m.requests, endpoint, call.model, str(call.status)).inc()
+            m.child(m.request_duration, endpoint, call.model).observe(elapsed)
             if call.model:
-                self.metrics.stats.model(call.model).request(call.status == 200, elapsed)
+                m.stats.model(call.model).request(call.status == 200, elapsed)
 
     # -- execution -----------------------------------------------------------------------------
     async def _prepare(self, entry: ModelEntry, task: Task, item: Item) -> tuple[Prepared, float]:
-        loop = asyncio.get_running_loop()
-        ctx = contextvars.copy_context()  # request id in preprocessing log lines
-        t0 = time.perf_counter()
-        prepared = await loop.run_in_executor(self.pool, ctx.run, preprocess.prepare, entry, task, item,
-                                              self.metrics)
+        assert self.pool is not None
+        t0 = time.perf_counter()  # (the worker runs it in a copy of this context: request id in its log lines)
+        prepared = await self.pool.submit(asyncio.get_running_loop(), preprocess.prepare, entry, task, item,
+                                          self.metrics)
         seconds = time.perf_counter() - t0
         self.metrics.stats.model(entry.name).compute_input.add(seconds)
         return prepared, seconds
@@ -162,7 +162,10 @@ class Service:
                 outcomes[i].error = InternalError("internal error while preprocessing", request_id=request_id)
 
         try:
-            await asyncio.gather(*(prepare(i, item) for i, item in enumerate(items)))
+            if len(items) == 1:  # the common case: no task and no gather for one item
+                await prepare(0, items[0])
+            else:
+                await asyncio.gather(*(prepare(i, item) for i, item in enumerate(items)))
         finally:
             self._release(entry, admitted)
         futures: dict[int, asyncio.Future] = {}
@@ -177,11 +180,12 @@ class Service:
         for i, oc in enumerate(outcomes):
             if oc.error is not None:
                 continue
-            try:
-                futures[i] = entry.batcher.submit(oc.prepared, deadline, request_id)
+            try:  # all of them before the batcher may start: an idle model takes them as one batch
+                futures[i] = entry.batcher.submit(oc.prepared, deadline, request_id, dispatch=False)
             except ServingError as err:
                 oc.error = err
         if futures:
+            entry.batcher.dispatch()
             await self._wait(disconnected, entry, futures, outcomes, deadline)
             self._health(entry, outcomes, futures, submitted)
         manifest = entry.manifest
