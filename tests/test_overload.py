@@ -69,7 +69,8 @@ def test_overload_scenario_runs(tmp_path):
     pytest.importorskip("psutil")
     out = tmp_path / "overload"
     cmd = [sys.executable, "-m", "bench.overload", "--workloads", "tiny", "--seconds", "2", "--sigterm-seconds", "2",
-           "--sustain-seconds", "1", "--factor", "2", "--procs", "2", "--connections", "8", "--out", str(out)]
+           "--sustain-seconds", "1", "--factor", "2", "--rss-repeats", "1", "--rss-repeat-seconds", "1",
+           "--procs", "2", "--connections", "8", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
