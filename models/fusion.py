@@ -14,8 +14,11 @@ over present ones) and the mixing fusions (M = 1) share one head interface:
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -66,8 +69,40 @@ class _ProjectedFusion(nn.Module):
             sequence = self.projections[m](o.sequence)
             if m in self.positions:
                 sequence = sequence + self.positions[m][:, : sequence.shape[1]]
+            if self.revision >= 3 and m == "image":
+                sequence = sequence + grid_positions(int(sequence.shape[1]), int(sequence.shape[2])).to(sequence)
             projected[m] = EncoderOutput(sequence, o.mask, self.projections[m](o.pooled))
         return projected
+
+
+def grid_positions(tokens: int, hidden_size: int) -> torch.Tensor:
+    """Fixed 2-D sine/cosine positions [1, T, H] for a square grid of T = S*S tokens in raster order
+    (zeros when T is not a square, e.g. a ViT's class token: only the learned table applies then).
+
+    Why fixed: "is the star on the left?" needs each grid cell to know where it is, and a learned
+    table starting at zero did not learn that from ~100 such questions (side questions stayed at
+    chance); a fixed encoding gives every cell its column and row from the first step, as in ViT-MAE.
+    T is static for an image model (fixed input size), so traced exports hold the table as a constant.
+    """
+    return torch.from_numpy(_grid_table(tokens, hidden_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _grid_table(tokens: int, hidden_size: int) -> np.ndarray:
+    # cached as numpy, not as a tensor: a tensor made while tracing belongs to that trace
+    side = math.isqrt(tokens)
+    if side * side != tokens or hidden_size % 4:
+        return np.zeros((1, tokens, hidden_size), dtype=np.float32)
+    rows, cols = np.meshgrid(np.arange(side, dtype=np.float64), np.arange(side, dtype=np.float64), indexing="ij")
+    quarter = hidden_size // 4
+    frequencies = 1.0 / (100.0 ** (np.arange(quarter) / quarter))
+    parts = []
+    for coordinate in (cols.ravel(), rows.ravel()):
+        angles = coordinate[:, None] * frequencies[None, :]
+        parts += [np.sin(angles), np.cos(angles)]
+    table = np.concatenate(parts, axis=1)[None].astype(np.float32)
+    table.flags.writeable = False
+    return table
 
 
 class _ContextTokens(nn.Module):
@@ -102,6 +137,14 @@ class ConcatFusion(_ProjectedFusion):
         # the MLP to discover it from few examples (as [u, v, u*v] in sentence-pair models)
         self.pairs = [(a, b) for i, a in enumerate(self.modalities) for b in self.modalities[i + 1:]] if revision >= 2 else []
         width = (n + len(self.pairs)) * hidden_size + n
+        # revision 3 adds a question-guided look at the media tokens (with their grid positions): the pooled
+        # text asks, the image/audio tokens answer. Mean pooling keeps what is in a picture but not where
+        # or how many ("which side is the star on?" stayed at chance, "how many crosses?" at 0.5), as in
+        # the top-down attention of VQA models. Its output and its product with the text join the concat.
+        media = [m for m in self.modalities if m != "text"]
+        self.readout = _Readout(hidden_size, media, "text" in input_dims, dropout) if revision >= 3 and media else None
+        if self.readout is not None:
+            width += (2 if "text" in input_dims else 1) * hidden_size
         self.mix = nn.Sequential(nn.Linear(width, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size))
         self.tokens = _ContextTokens(hidden_size)
 
@@ -110,9 +153,36 @@ class ConcatFusion(_ProjectedFusion):
         flags = torch.stack([present[m] for m in self.modalities], dim=1)  # [B, M]
         parts = {m: projected[m].pooled * present[m].unsqueeze(1) for m in self.modalities}
         products = [parts[a] * parts[b] for a, b in self.pairs]
+        if self.readout is not None:
+            looked = self.readout(projected, present)  # [B, H]
+            products += [looked] + ([looked * parts["text"]] if "text" in parts else [])
         pooled = self.mix(torch.cat(list(parts.values()) + products + [flags], dim=1))
         text = projected["text"].sequence if "text" in projected else None
         return _single_branch(pooled, self.tokens(text, pooled))
+
+
+class _Readout(nn.Module):
+    """One attention query over the media tokens of every present media modality plus a null key.
+
+    projected {m: EncoderOutput [B, T_m, H]}, present {m: [B]} -> [B, H]. The query is the pooled
+    text ([B, 1, H]) or, without text, a learned vector; the null key keeps a row with no media
+    (or no useful token) well defined.
+    """
+
+    def __init__(self, hidden_size: int, media: list[str], has_text: bool, dropout: float, num_heads: int = 4):
+        super().__init__()
+        self.media = media
+        self.null_key = nn.Parameter(torch.randn(1, 1, hidden_size) * 0.02)
+        self.query = None if has_text else nn.Parameter(torch.randn(1, 1, hidden_size) * 0.02)
+        self.attention = CrossAttention(hidden_size, num_heads, dropout)
+        self.norm = nn.LayerNorm(hidden_size)
+
+    def forward(self, projected: dict[str, EncoderOutput], present: dict[str, torch.Tensor]) -> torch.Tensor:
+        ones = torch.ones_like(projected[self.media[0]].pooled[:, :1])  # [B, 1]
+        keys = torch.cat([projected[m].sequence for m in self.media] + [self.null_key * ones.unsqueeze(-1)], dim=1)
+        mask = torch.cat([projected[m].mask & (present[m] > 0).unsqueeze(1) for m in self.media] + [ones.bool()], dim=1)
+        query = projected["text"].pooled.unsqueeze(1) if self.query is None else self.query * ones.unsqueeze(-1)
+        return self.norm(self.attention(query, keys, mask).squeeze(1))
 
 
 def masked_softmax(scores: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -157,7 +227,9 @@ class CrossAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, heads, T, H/heads]
-        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        # reshape from the traced shape, not unflatten: with a single query token (T = 1, static) the ONNX
+        # exporter's unflatten baked the example's batch size into the graph
+        return x.reshape(x.shape[0], x.shape[1], self.num_heads, -1).transpose(1, 2)
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         q, k, v = self._heads(self.q(queries)), self._heads(self.k(keys)), self._heads(self.v(keys))

@@ -72,13 +72,17 @@ def test_text_pooling_ignores_padding():
 # ------------------------------------------------------------------------------------------ fused
 
 
+REVISIONS = [1, 2, 3]  # fusion_revision: saved models of every revision must keep loading and exporting
+
+
+@pytest.mark.parametrize("revision", REVISIONS)
 @pytest.mark.parametrize("fusion", ["concat", "gated", "cross_attention", "late"])
-def test_every_fusion_task_and_modality_subset(fusion):
+def test_every_fusion_task_and_modality_subset(fusion, revision):
     torch.manual_seed(0)
     for modalities, task in itertools.product(SUBSETS, ["classify", "ner", "vqa"]):
         if task == "ner" and "text" not in modalities:
             continue
-        model = build_model(make_config(modalities, task, fusion)).eval()
+        model = build_model(make_config(modalities, task, fusion, fusion_revision=revision)).eval()
         x = make_inputs(model)
         with torch.no_grad():
             logits = model(**x)
@@ -88,10 +92,11 @@ def test_every_fusion_task_and_modality_subset(fusion):
         assert model.task == task
 
 
+@pytest.mark.parametrize("revision", REVISIONS)
 @pytest.mark.parametrize("fusion", ["concat", "gated", "cross_attention", "late"])
-def test_absent_modality_content_is_ignored(fusion):
+def test_absent_modality_content_is_ignored(fusion, revision):
     torch.manual_seed(0)
-    model = build_model(make_config(["text", "image", "audio"], "ner", fusion)).eval()
+    model = build_model(make_config(["text", "image", "audio"], "ner", fusion, fusion_revision=revision)).eval()
     x = make_inputs(model, image_present=torch.tensor([0.0, 1.0, 0.0]), audio_present=torch.tensor([1.0, 0.0, 0.0]))
     y = dict(x, pixel_values=x["pixel_values"].clone(), audio_features=x["audio_features"].clone())
     y["pixel_values"][[0, 2]] = torch.randn(2, 3, 64, 64) * 5  # absent images
@@ -103,8 +108,9 @@ def test_absent_modality_content_is_ignored(fusion):
         assert not torch.allclose(model(**y)[1], model(**x)[1])
 
 
-def test_batch_rows_are_independent():
-    model = build_model(make_config(["text", "image", "audio"], fusion="cross_attention")).eval()
+@pytest.mark.parametrize("fusion, revision", [("cross_attention", 1), ("concat", 3)])
+def test_batch_rows_are_independent(fusion, revision):
+    model = build_model(make_config(["text", "image", "audio"], fusion=fusion, fusion_revision=revision)).eval()
     x = make_inputs(model)
     with torch.no_grad():
         full = model(**x)
@@ -127,8 +133,9 @@ def test_losses():
     torch.testing.assert_close(vqa_loss(torch.zeros(1, 4), torch.zeros(1, 4)), torch.tensor(4 * np.log(2.0), dtype=torch.float32))
 
 
-def test_trace_matches_eager():
-    model = build_model(make_config(["text", "image", "audio"], fusion="gated")).eval()
+@pytest.mark.parametrize("fusion, revision", [("gated", 1), ("concat", 3)])
+def test_trace_matches_eager(fusion, revision):
+    model = build_model(make_config(["text", "image", "audio"], fusion=fusion, fusion_revision=revision)).eval()
     x = make_inputs(model)
     with torch.no_grad():
         traced = torch.jit.trace(model, example_kwarg_inputs=x, strict=False)
@@ -136,12 +143,12 @@ def test_trace_matches_eager():
         torch.testing.assert_close(traced(**other), model(**other), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
-def test_onnx_parity(tmp_path, fusion):
+@pytest.mark.parametrize("fusion, revision", [("concat", 1), ("cross_attention", 1), ("concat", 3)])
+def test_onnx_parity(tmp_path, fusion, revision):
     ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     task = "ner" if fusion == "cross_attention" else "classify"
-    model = build_model(make_config(["text", "image", "audio"], task, fusion)).eval()
+    model = build_model(make_config(["text", "image", "audio"], task, fusion, fusion_revision=revision)).eval()
     names = model.input_names
     path = tmp_path / "model.onnx"
     axes = {n: {0: "batch"} for n in names} | {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
@@ -257,3 +264,15 @@ def test_whisper_tiny_offline():
     assert out.sequence.shape == (1, 500, 384) and torch.isfinite(out.sequence).all()
     random = build_audio_encoder("whisper-tiny", n_mels=80, num_frames=1000, pretrained=False)
     assert random.state_dict().keys() == encoder.state_dict().keys()
+
+
+def test_grid_positions_give_each_cell_its_column_and_row():
+    from models.fusion import grid_positions
+
+    table = grid_positions(16, 8)[0]  # a 4x4 grid, raster order, width 8: [column sin/cos | row sin/cos]
+    assert table.shape == (16, 8)
+    column, row = table[:, :4], table[:, 4:]
+    torch.testing.assert_close(column[1], column[5])  # (0, 1) and (1, 1): same column
+    torch.testing.assert_close(row[4], row[7])  # (1, 0) and (1, 3): same row
+    assert not torch.allclose(column[0], column[3]) and not torch.allclose(row[0], row[12])
+    assert not grid_positions(17, 8).any()  # not a square grid (e.g. a class token): no fixed positions

@@ -35,6 +35,10 @@ class TrainConfig(BaseModel):
 
     # model
     fusion: FusionKind = Field("concat", description="how the modalities are combined")
+    fusion_revision: int = Field(3, ge=1, le=3, description="fusion architecture: 3 adds fixed 2-D grid positions to "
+                                                            "image tokens and a question-guided look at the media "
+                                                            "tokens in concat; 2 learned media positions and "
+                                                            "pairwise products; 1 the first release")
     text_encoder: str = Field("tiny", description="tiny | minilm | HF name | local path")
     image_encoder: str = Field("tiny", description="tiny | efficientnet-lite0 | HF name | local path")
     audio_encoder: str = Field("tiny", description="tiny | whisper-tiny | HF name | local path")
@@ -121,7 +125,7 @@ class TrainConfig(BaseModel):
             task=self.task, modalities=list(self.modalities), labels=labels, multi_label=multi_label,
             text_encoder=self.text_encoder, image_encoder=self.image_encoder, audio_encoder=self.audio_encoder,
             text_vocab_size=vocab_size, fusion=self.fusion, hidden_size=self.hidden_size, dropout=self.dropout,
-            peft=self.lora_spec(), freeze_encoders=self.freeze_encoders, fusion_revision=2,
+            peft=self.lora_spec(), freeze_encoders=self.freeze_encoders, fusion_revision=self.fusion_revision,
         )
 
     def save(self, path: Path) -> None:
