@@ -241,10 +241,7 @@ def sigterm_phase(name, repo, reqs, a, log_dir, server_cpus, load, rate, closed_
         openloop.run(server.url, reqs, rate=None, seconds=3, **{**load, "connections": closed_per_proc, "fresh": False})
         proc = server.proc
         seconds = min(a.seconds, a.sigterm_seconds)
-        sent_at = []
-
         def term() -> None:
-            sent_at.append(time.monotonic())
             proc.send_signal(signal.SIGTERM)
 
         res = openloop.run(server.url, reqs, rate=a.factor * rate, seconds=seconds, at=(seconds / 2, term), **load)
@@ -253,7 +250,7 @@ def sigterm_phase(name, repo, reqs, a, log_dir, server_cpus, load, rate, closed_
         except Exception:  # noqa: BLE001
             code = None
         o = res["outcomes"]
-        backlog = [line for line in server.tail(200).splitlines() if "listener closed" in line]
+        backlog = [line for line in server.tail(100000).splitlines() if "listener closed" in line]
         out = {**res, "admitted": res["sent"], "answered": o.get("answered", 0),
                "lost": o.get("lost", 0) + o.get("hung", 0), "refused": o.get("refused", 0),
                "exit_code": code, "server_log_listener_closed": backlog[-1:]}
