@@ -20,6 +20,11 @@ accuracy), the epochs run and the seconds per epoch from metrics.jsonl. Writes O
   --at REV                measure the trainer of git revision REV (exported with `git archive` into
                           .cache/heldout-code/) instead of this working tree; the commit is recorded
   --out PREFIX            output files PREFIX.json / PREFIX.md
+  --collect               run nothing: report every finished run directory under
+                          .cache/bench-training-runs/full/TASK/VARIANT (runs made by earlier invocations
+                          or by hand); each run's flags are read back from its config.yaml and
+                          model_config.json, "fused" is the defaults run, "best" the other all-modality
+                          run with the best DEV metric
 """
 from __future__ import annotations
 
@@ -211,6 +216,63 @@ def run_one(name: str, variant: str, modalities: list[str], extra: list[str], da
     return result
 
 
+# ---------------------------------------------------------------------------- collecting finished runs
+
+# TrainConfig fields that every command sets (shown as the command's fixed part, not as flags)
+_FIXED = {"task", "data", "output", "modalities", "text_encoder", "image_encoder", "audio_encoder"}
+
+
+def run_flags(run_dir: Path) -> list[str]:
+    """The non-default flags a finished run was trained with, read back from its config.yaml; the fusion
+    revision from model_config.json (runs from before the TrainConfig field existed have none in their
+    config.yaml, and they were trained with the default of their time)."""
+    import yaml
+
+    from training.config import TrainConfig
+
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    model = json.loads((run_dir / "model_config.json").read_text())
+    saved["fusion_revision"] = model.get("fusion_revision", 1)
+    defaults = TrainConfig.model_fields
+    flags = []
+    for key, value in saved.items():
+        field = defaults.get(key)
+        if key in _FIXED or field is None or value == field.get_default(call_default_factory=True):
+            continue
+        flag = "--" + key.replace("_", "-")
+        flags += [flag] if value is True else [f"--no-{key.replace('_', '-')}"] if value is False else [flag, str(value)]
+    return flags
+
+
+def collect(tasks: list[str], runs: Path) -> list[dict]:
+    """Results of every finished run directory runs/TASK/VARIANT (eval_test.json present)."""
+    import yaml
+
+    results = []
+    for name in tasks:
+        t = TASKS[name]
+        for run_dir in sorted(p for p in (runs / name).glob("*") if (p / "eval_test.json").is_file()):
+            saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+            modalities = list(saved.get("modalities") or [])
+            flags = run_flags(run_dir)
+            shown = " ".join(["mmserve train --task", t.task, "--data", str(saved.get("data")), "--modalities",
+                              ",".join(modalities), *(f"--{m}-encoder {saved.get(f'{m}_encoder')}" for m in modalities),
+                              *flags])
+            r = {"task": name, "variant": run_dir.name, "modalities": modalities, "flags": flags, "command": shown,
+                 "rc": 0, "wall_s": 0.0, "run_dir": str(run_dir)}
+            r.update(read_run(run_dir))
+            r["wall_s"] = round(sum(c["seconds"] or 0 for c in r["curve"]), 1)
+            results.append(r)
+        alternatives = [r for r in results if r["task"] == name and r["variant"] != "fused" and r["flags"]
+                        and set(r["modalities"]) == set(t.modalities) and r.get("dev") is not None]
+        if alternatives:  # the best alternative recipe, chosen on dev (never on test)
+            best = max(alternatives, key=lambda r: r["dev"])
+            if best["variant"] != "best":  # a directory named "best" that lost is reported under its flags only
+                results = [r for r in results if (r["task"], r["variant"]) != (name, "best")]
+                results.append(dict(best, variant="best", chosen_from=best["variant"]))
+    return results
+
+
 # ---------------------------------------------------------------------------- report
 
 
@@ -293,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="data seed")
     p.add_argument("--at", default=None, metavar="REV")
     p.add_argument("--out", type=Path, default=None, metavar="PREFIX")
+    p.add_argument("--collect", action="store_true")
     args = p.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     bad = [t for t in tasks if t not in TASKS]
@@ -316,6 +379,16 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[dict] = []
     t_all = time.perf_counter()
+    if args.collect:
+        results = collect(tasks, runs)
+        meta["code"] = {"source": "finished run directories", "commit": code_meta.get("commit")}
+        meta["total_s"] = round(sum(r["wall_s"] for r in results if r["variant"] != "best"), 1)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{prefix}.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=2) + "\n")
+        Path(f"{prefix}.md").write_text(markdown(meta, results, tasks))
+        print(table(results, tasks))
+        print(f"\nwrote {prefix}.json and {prefix}.md")
+        return 0
 
     def write() -> None:
         prefix.parent.mkdir(parents=True, exist_ok=True)

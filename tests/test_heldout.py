@@ -108,3 +108,15 @@ def test_training_benchmark_quick_runs_end_to_end(tmp_path):
         assert run["rc"] == 0 and run["epochs"] == 1 and run["sec_per_epoch"] is not None
         assert 0.0 <= run["test"] <= 1.0
     assert "| match |" in Path(f"{prefix}.md").read_text()
+
+    # --collect reports the same finished run directories without training, flags read back from them
+    again = tmp_path / "collected"
+    r = subprocess.run([sys.executable, "-m", "bench.training", "--quick", "--collect", "--tasks", "match",
+                        "--out", str(again)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    collected = {run["variant"]: run for run in json.loads(Path(f"{again}.json").read_text())["runs"]}
+    assert set(collected) == variants
+    for run in report["runs"]:
+        assert collected[run["variant"]]["test"] == run["test"]
+    assert "--freeze-encoders" in collected["best"]["flags"] and collected["fused"]["flags"] == ["--epochs", "1"]
