@@ -274,7 +274,7 @@ def markdown(report: dict) -> str:
     m = report["meta"]
     out = ["# Overload, disconnect storm, SIGTERM under load", "",
            f"{m['started']} · {m['machine']} · server pinned to cores {m['server_cpus']} (onnxruntime 1 intra-op "
-           f"thread), load generator on cores {m['client_cpus']} · {m['note']}", "",
+           f"thread), load generator on cores {m['client_cpus']} · commit {m.get('git', '?')} · {m['note']}", "",
            f"Load generator: `bench/openloop.py`, {m['procs']} processes x {m['connections']} "
            + ("fresh connections (one per request)" if m["fresh"] else "keep-alive connections") +
            f" (raw HTTP/1.1, uvloop); open loop: request k is due at k / rate whatever the server does, and its "
@@ -374,7 +374,8 @@ def main(argv=None) -> int:
                              "server_cpus": sorted(server_cpus), "client_cpus": sorted(client_cpus),
                              "procs": a.procs, "connections": a.connections, "fresh": a.fresh,
                              "loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "note": a.note,
-                             "command": "python -m bench.overload " + " ".join(sys.argv[1:] if argv is None else argv)},
+                             "command": "python -m bench.overload " + " ".join(sys.argv[1:] if argv is None else argv),
+                             "git": git_state()},
                     "workloads": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.workloads.split(","):
@@ -395,3 +396,18 @@ def _np(o):
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def git_state() -> str:
+    """The commit measured, and how many tracked files differed from it in the working tree."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                               timeout=10).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + (f" + {len(dirty)} modified tracked file(s) in the working tree" if dirty else "")

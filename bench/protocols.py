@@ -309,7 +309,8 @@ def markdown(report: dict) -> str:
     m = report["meta"]
     out = ["# mmserve bench: protocols", "",
            f"{m['started']} · {m['machine']} · device {m['device']} · server cores {m['server_cpus']} (onnxruntime "
-           f"intra-op threads {m['threads']}), client cores {m['client_cpus']} · {m.get('note') or ''}", "",
+           f"intra-op threads {m['threads']}), client cores {m['client_cpus']} · commit {m.get('git', '?')} · "
+           f"{m.get('note') or ''}", "",
            "The same requests over each front-end of one server, closed loop, keep-alive (gRPC: one channel), in "
            "interleaved rounds (the order rotates each round); latency per request from send to full answer; the "
            "ratio to /v1 compares medians of rounds (a round disturbed by another process on the shared machine "
@@ -372,7 +373,8 @@ def main(args, workloads, concurrency, server_cpus, client_cpus, threads, log_di
         "machine": f"{platform.node()} {os.cpu_count()} cpus", "device": args.device,
         "server_cpus": sorted(server_cpus), "client_cpus": sorted(client_cpus), "threads": threads,
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "note": args.note,
-        "command": "python -m bench " + " ".join(sys.argv[1:])}}
+        "command": "python -m bench " + " ".join(sys.argv[1:]),
+        "git": git_state()}}
     for wl in workloads:
         build_requests(wl, args.distinct, log=log)
         entry = {"workload": wl.name, "protocols": measure_protocols(wl, args, server_cpus, threads, log_dir, log)}
@@ -387,3 +389,18 @@ def main(args, workloads, concurrency, server_cpus, client_cpus, threads, log_di
     print(md.read_text())
     failed = [w["workload"] for w in report["workloads"] if "error" in w["protocols"] or "error" in w.get("reload", {})]
     return 1 if failed else 0
+
+
+def git_state() -> str:
+    """The commit measured, and how many tracked files differed from it in the working tree."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                               timeout=10).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + (f" + {len(dirty)} modified tracked file(s) in the working tree" if dirty else "")
