@@ -72,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached tiny model")
     p.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
     p.add_argument("--max-minutes", type=float, default=15.0, help="stop starting new points after this")
+    p.add_argument("--compare-to", type=Path, default=None, metavar="BEFORE.json",
+                   help="a report of an earlier run on this machine (e.g. of an older commit, run from a git worktree): "
+                        "adds a before / after table")
+    p.add_argument("--compare-label", default=None, help="what the earlier run was (default: its name)")
     p.add_argument("--protocols", action="store_true",
                    help="instead: /v1 multipart vs /v2 binary vs /v2 JSON-base64 vs gRPC on one server (default: demo "
                         "workload, concurrency 32), then the model's hot reload under load (bench/protocols.py)")
@@ -144,6 +148,7 @@ async def _measure_point(server, wl, c: int, n: int, is_mmserve: bool) -> dict:
     out = res.summary()
     out["rss_mb_peak"] = round(peak[0] / 2**20, 1)
     out["server_cpu_pct"] = round(100 * (cpu1 - cpu0) / wall, 1)
+    out["server_cpu_ms_per_req"] = round(1000 * (cpu1 - cpu0) / out["ok"], 3) if out["ok"] else None
     out["client_cpu_pct"] = round(100 * (own1 - own0) / wall, 1)
     out["mean_batch_size"] = None
     if is_mmserve:
@@ -319,6 +324,11 @@ def main(argv=None) -> int:
                                                 for w in report["workloads"]) or "no workloads"
     report["meta"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["meta"]["seconds"] = round(time.monotonic() - started, 1)
+    if args.compare_to:
+        report["before"] = json.loads(args.compare_to.read_text())
+        report["before"].pop("before", None)
+        if args.compare_label:
+            report["before"]["label"] = args.compare_label
     png = args.out_dir / f"{name}.png"
     report["chart"] = None
     if rep.chart(report, png):

@@ -5,11 +5,12 @@ from pathlib import Path
 
 SYSTEM_LABELS = {"mmserve": "mmserve (dynamic batching)", "nobatch": "mmserve (batching off)",
                  "litserve": "LitServe (peer)"}
-TARGETS = {  # workload: (min fraction of the limit, min throughput vs peer) at concurrency 32, p99 no worse
-    "demo": (0.9, 1.0),
-    "tiny": (0.7, 1.25),
+TARGETS = {  # workload: (min fraction of the limit, min throughput vs peer) at concurrency 32, p99 no worse (issue 15)
+    "demo": (0.95, 1.0),
+    "tiny": (0.8, 2.0),
 }
 TARGET_CONCURRENCY = 32
+SINGLE_CALLER_TARGET = 0.95  # at concurrency 1, dynamic batching / batching off (an idle model costs nothing)
 
 
 def _point(result: dict, system: str, c: int) -> dict | None:
@@ -55,7 +56,13 @@ def add_ratios(result: dict) -> None:
             "p99_mmserve_over_peer": row["p99_mmserve_over_peer"],
             "p99_ok": row["p99_mmserve_over_peer"] is not None and row["p99_mmserve_over_peer"] <= 1.0,
         }
-        checks["all_ok"] = bool(checks["limit_ok"] and checks["peer_ok"] and checks["p99_ok"])
+        one = next((r for r in rows if r["concurrency"] == 1), None)
+        if one and one["mmserve_over_nobatch"] is not None:
+            checks["c1_target"] = SINGLE_CALLER_TARGET
+            checks["c1_mmserve_over_nobatch"] = one["mmserve_over_nobatch"]
+            checks["c1_ok"] = one["mmserve_over_nobatch"] >= SINGLE_CALLER_TARGET
+        checks["all_ok"] = bool(checks["limit_ok"] and checks["peer_ok"] and checks["p99_ok"]
+                                and checks.get("c1_ok", True))
         result["targets"] = checks
 
 
@@ -76,11 +83,12 @@ def markdown(report: dict) -> str:
             per = ", ".join(f"b{b}: {v['throughput']:.0f}/s" for b, v in lim["per_batch_size"].items())
             out += [f"Limit (in-process decode + preprocess + inference, no HTTP): **{lim['throughput']:.1f} req/s** "
                     f"at batch {lim['best_batch_size']} ({per}).", ""]
-        out += ["| system | conc. | req/s | p50 ms | p99 ms | mean batch | errors | RSS MB | server CPU % | client CPU % |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        out += ["| system | conc. | req/s | p50 ms | p99 ms | mean batch | errors | RSS MB | server CPU % | "
+                "server CPU ms/req | client CPU % |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for sysname, sysres in wl["systems"].items():
             if "error" in sysres:
-                out.append(f"| {SYSTEM_LABELS.get(sysname, sysname)} | - | failed: {sysres['error'][:80]} | | | | | | | |")
+                out.append(f"| {SYSTEM_LABELS.get(sysname, sysname)} | - | failed: {sysres['error'][:80]} | | | | | | | | |")
                 continue
             for p in sysres["points"]:
                 batch = p.get("mean_batch_size")
@@ -89,7 +97,7 @@ def markdown(report: dict) -> str:
                 out.append(f"| {SYSTEM_LABELS.get(sysname, sysname)} | {p['concurrency']} | {p['throughput']:.1f} | "
                            f"{p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {_fmt(batch, '.2f')} | {p['errors']} | "
                            f"{_fmt(p.get('rss_mb_peak'), '.0f')} | {_fmt(p.get('server_cpu_pct'), '.0f')} | "
-                           f"{_fmt(p.get('client_cpu_pct'), '.0f')} |")
+                           f"{_fmt(cpu_ms_per_request(p), '.2f')} | {_fmt(p.get('client_cpu_pct'), '.0f')} |")
         out += ["", "| conc. | mmserve/limit | mmserve/batching-off | mmserve/peer | p99 mmserve/peer |",
                 "|---:|---:|---:|---:|---:|"]
         for r in wl.get("ratios", []):
@@ -103,12 +111,65 @@ def markdown(report: dict) -> str:
             out += ["", f"Targets at concurrency {t['concurrency']}: mmserve/limit {_fmt(t['mmserve_over_limit'], '.2f')} "
                     f"(target >= {t['limit_target']}: {mark(t['limit_ok'])}); mmserve/peer "
                     f"{_fmt(t['mmserve_over_peer'], '.2f')} (target >= {t['peer_target']}: {mark(t['peer_ok'])}); "
-                    f"p99 mmserve/peer {_fmt(t['p99_mmserve_over_peer'], '.2f')} (target <= 1: {mark(t['p99_ok'])})."]
+                    f"p99 mmserve/peer {_fmt(t['p99_mmserve_over_peer'], '.2f')} (target <= 1: {mark(t['p99_ok'])})"
+                    + (f"; at concurrency 1, dynamic batching / batching off {_fmt(t['c1_mmserve_over_nobatch'], '.2f')} "
+                       f"(target >= {t['c1_target']}: {mark(t['c1_ok'])})" if "c1_ok" in t else "") + "."]
         out.append("")
+    if report.get("before"):
+        out += compare_markdown(report["before"], report)
     for why in report.get("skipped", []):
         out += [f"Skipped: {why}", ""]
     out += [f"Chart: {report.get('chart', '-')}", ""]
     return "\n".join(out)
+
+
+def cpu_ms_per_request(point: dict) -> float | None:
+    """Server CPU per answered request (ms): measured as such, or from CPU % and throughput (older reports)."""
+    if point.get("server_cpu_ms_per_req") is not None:
+        return point["server_cpu_ms_per_req"]
+    if point.get("server_cpu_pct") is None or not point.get("throughput"):
+        return None
+    return round(10 * point["server_cpu_pct"] / point["throughput"], 3)
+
+
+def compare_markdown(before: dict, after: dict) -> list[str]:
+    """Before / after on the same machine: per workload and concurrency, each system's req/s, p50, p99 and server
+    CPU per request, and the limit (each run measures its own)."""
+    label = before.get("label") or before.get("name", "before")
+    out = [f"## Before / after ({label} -> this run)", "",
+           f"Before: {before.get('meta', {}).get('started', '-')} ({label}); after: {after['meta']['started']}. "
+           "Same machine, same cores, same requests; the limit is measured anew in each run.", "",
+           "| workload | conc. | system | req/s before | req/s after | p50 ms before | p50 ms after | p99 ms before | "
+           "p99 ms after | server CPU ms/req before | after |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    olds = {w["workload"]: w for w in before.get("workloads", [])}
+    for wl in after["workloads"]:
+        old = olds.get(wl["workload"])
+        if old is None:
+            continue
+        lb, la = (old.get("limit") or {}).get("throughput"), (wl.get("limit") or {}).get("throughput")
+        for c in wl["concurrency"]:
+            if lb or la:
+                out.append(f"| {wl['workload']} | {c} | limit (in-process) | {_fmt(lb)} | {_fmt(la)} | | | | | | |")
+            for sysname in ("mmserve", "nobatch", "litserve"):
+                b, a = _point(old, sysname, c), _point(wl, sysname, c)
+                if not a and not b:
+                    continue
+                g = lambda p, k: p.get(k) if p else None  # noqa: E731
+                out.append(f"| {wl['workload']} | {c} | {SYSTEM_LABELS[sysname]} | {_fmt(g(b, 'throughput'))} | "
+                           f"{_fmt(g(a, 'throughput'))} | {_fmt(g(b, 'p50_ms'))} | {_fmt(g(a, 'p50_ms'))} | "
+                           f"{_fmt(g(b, 'p99_ms'))} | {_fmt(g(a, 'p99_ms'))} | "
+                           f"{_fmt(cpu_ms_per_request(b) if b else None, '.2f')} | "
+                           f"{_fmt(cpu_ms_per_request(a) if a else None, '.2f')} |")
+        rb = {r["concurrency"]: r for r in old.get("ratios", [])}
+        ra = {r["concurrency"]: r for r in wl.get("ratios", [])}
+        out += ["", f"{wl['workload']}: ratios before -> after", "",
+                "| conc. | mmserve/limit | mmserve/batching-off | mmserve/peer | p99 mmserve/peer |", "|---:|---:|---:|---:|---:|"]
+        for c in wl["concurrency"]:
+            x, y = rb.get(c, {}), ra.get(c, {})
+            out.append(f"| {c} | " + " | ".join(f"{_fmt(x.get(k), '.2f')} -> {_fmt(y.get(k), '.2f')}" for k in (
+                "mmserve_over_limit", "mmserve_over_nobatch", "mmserve_over_peer", "p99_mmserve_over_peer")) + " |")
+        out.append("")
+    return out
 
 
 def chart(report: dict, path: Path) -> Path | None:
