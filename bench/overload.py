@@ -394,10 +394,6 @@ def _np(o):
     return o.tolist() if isinstance(o, np.ndarray) else str(o)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def git_state() -> str:
     """The commit measured, and how many tracked files differed from it in the working tree."""
     import subprocess
@@ -411,3 +407,7 @@ def git_state() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + (f" + {len(dirty)} modified tracked file(s) in the working tree" if dirty else "")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
