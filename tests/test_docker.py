@@ -13,7 +13,9 @@ none does. Host networking only (`--network host`, `network_mode: host`), every 
   counts on /metrics and, stopped with SIGTERM (`docker stop`) while requests are in flight, answers every one
   and exits 0;
 - docker-compose.yml with tests/docker/compose.test.yml brings up mmserve and Prometheus, and Prometheus's HTTP
-  API returns the request counter it scraped through (a copy of) deploy/prometheus/prometheus.yml.
+  API returns the request counter it scraped through (a copy of) deploy/prometheus/prometheus.yml;
+- KServe's ClusterServingRuntime container runs as declared (read-only root filesystem, uid 10001) on a model
+  directory mounted at /mnt/models.
 
 Figures (build times, sizes, health and drain times, the Prometheus answer) go to .cache/docker-test/figures.json.
 """
@@ -504,3 +506,52 @@ def test_compose_up_with_prometheus(images, app_repository, tmp_path):
         _record(compose_healthy_s=round(healthy, 1), compose_prometheus_query=query, compose_prometheus_value=value)
     finally:
         subprocess.run([*base, "down", "-v", "-t", "60"], cwd=ROOT, capture_output=True, timeout=180, env=compose_env)
+
+
+# ---------------------------------------------------------------------------------------------
+# KServe's ClusterServingRuntime container, run as the runtime declares it
+# ---------------------------------------------------------------------------------------------
+
+
+def test_kserve_runtime_container(images, trained_repository):
+    """The runtime's image, environment ({{.Name}} = demo-classify) and securityContext (uid 10001, read-only root
+    filesystem, no privilege escalation, no capabilities), one exported model directory mounted at /mnt/models as
+    KServe's storage initializer leaves it: the model answers under the InferenceService's name, also for an upload
+    large enough to be spooled to a temporary file."""
+    runtime = yaml.safe_load((ROOT / "deploy" / "kserve" / "clusterservingruntime.yaml").read_text())
+    (c,) = runtime["spec"]["containers"]
+    assert c["image"] == images["serve-cpu"]
+    env = {e["name"]: e["value"].replace("{{.Name}}", "demo-classify") for e in c["env"]}
+    http_port, grpc_port = _free_port(), _free_port()
+    env.update(MMSERVE_HOST="127.0.0.1", MMSERVE_PORT=str(http_port), MMSERVE_GRPC_PORT=str(grpc_port))
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] and sc["runAsUser"] == 10001 and sc["capabilities"]["drop"] == ["ALL"]
+    model = _world_readable(trained_repository / "docker-classify")
+    name = f"mmserve-kserve-{os.getpid()}"
+    mounts = [a for m in runtime["spec"].get("volumes", []) for a in ("--tmpfs", m.get("mountPath", "/tmp"))]
+    _docker("run", "-d", "--name", name, "--network", "host", "--user", str(sc["runAsUser"]), "--read-only",
+            "--security-opt", "no-new-privileges", "--cap-drop", "ALL", *mounts,
+            "-v", f"{model}:/mnt/models:ro", *[a for k, v in env.items() for a in ("-e", f"{k}={v}")], c["image"])
+    try:
+        url = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + c["readinessProbe"]["httpGet"]["path"], timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, _logs(name)
+            time.sleep(0.2)
+        assert httpx.get(url + c["livenessProbe"]["httpGet"]["path"], timeout=5).status_code == 200
+        assert httpx.get(url + "/v2/models/demo-classify/ready", timeout=5).status_code == 200
+        big = _jpeg(1400, 1)
+        assert len(big) > 1024 * 1024  # starlette spools multipart files over 1 MiB to a temporary file
+        for image in ((EXAMPLES / "cat.jpg").read_bytes(), big):
+            r = httpx.post(url + "/v1/classify", timeout=30, data={"text": "Clip recorded in the garden."},
+                           files={"image": ("x.jpg", image, "image/jpeg"),
+                                  "audio": ("chirp.wav", (EXAMPLES / "chirp.wav").read_bytes(), "audio/wav")})
+            assert r.status_code == 200, (len(image), r.status_code, r.text, _logs(name))
+            assert r.json()["model"] == "demo-classify"
+    finally:
+        _docker("rm", "-f", name, check=False)
