@@ -76,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a report of an earlier run on this machine (e.g. of an older commit, run from a git worktree): "
                         "adds a before / after table")
     p.add_argument("--compare-label", default=None, help="what the earlier run was (default: its name)")
+    p.add_argument("--before-root", type=Path, default=None, metavar="CHECKOUT",
+                   help="also serve mmserve (batching on and off) from this checkout (a git worktree of an older "
+                        "commit), each right before this checkout's own, in the same run: a before / after table "
+                        "from one run on the same machine (names the runs with --compare-label)")
     p.add_argument("--protocols", action="store_true",
                    help="instead: /v1 multipart vs /v2 binary vs /v2 JSON-base64 vs gRPC on one server (default: demo "
                         "workload, concurrency 32), then the model's hot reload under load (bench/protocols.py)")
@@ -208,18 +212,20 @@ def run_workload(wl, args, systems, concurrency, server_cpus, threads, log_dir, 
     n = result["requests_per_point"] = requests_per_point(args, result["limit"])
     log(f"bench: [{wl.name}] {n} requests per point")
     extra = dict(kv.split("=", 1) for kv in args.mmserve_env)
-    for sysname in SYSTEMS:
-        if sysname not in systems:
-            continue
+    order = [s for s in SYSTEMS if s in systems]
+    if args.before_root:  # each before-system right before its after-system: the same conditions, as far as can be
+        order = [x for s in order for x in ((s + "-before", s) if s != "litserve" else (s,))]
+    for sysname in order:
         if sysname == "litserve":
             srv = servers.litserve(wl.version_dir, max_batch_size=args.max_batch_size,
                                    batch_timeout=args.peer_batch_timeout, threads=threads, cpus=server_cpus,
                                    device=args.device, log_dir=log_dir, name=f"litserve-{wl.name}")
         else:
+            base = sysname.removesuffix("-before")
             srv = servers.mmserve(wl.repository_view(), name=f"{sysname}-{wl.name}",
-                                  max_batch_size="auto" if sysname == "mmserve" else 1,
+                                  max_batch_size="auto" if base == "mmserve" else 1,
                                   threads=threads, cpus=server_cpus, device=args.device, log_dir=log_dir,
-                                  extra_env=extra)
+                                  extra_env=extra, root=args.before_root if base != sysname else None)
         entry: dict = {"settings": srv.notes, "points": []}
         result["systems"][sysname] = entry
         try:
@@ -324,7 +330,9 @@ def main(argv=None) -> int:
                                                 for w in report["workloads"]) or "no workloads"
     report["meta"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["meta"]["seconds"] = round(time.monotonic() - started, 1)
-    if args.compare_to:
+    if args.before_root:
+        report["before"] = rep.before_from_same_run(report, args.compare_label or str(args.before_root))
+    elif args.compare_to:
         report["before"] = json.loads(args.compare_to.read_text())
         report["before"].pop("before", None)
         if args.compare_label:

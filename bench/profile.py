@@ -6,7 +6,7 @@ records the server with py-spy twice: once as a flame graph (SVG), once as colla
 writes the top costs. Waiting threads (a pool worker blocked in its queue, the event loop in its selector) are
 left out of the shares (IDLE_LEAVES; the flame graph still shows them), so the shares are of the server's CPU.
 
-Writes bench/results/profile-NAME.svg, profile-NAME.txt (collapsed stacks) and profile-NAME.md (the top costs:
+Writes bench/results/profile-NAME.svg, profile-NAME.txt.gz (collapsed stacks) and profile-NAME.md (the top costs:
 by thread, by cost bucket, and the hottest functions). `--root` serves the app from another checkout (a git
 worktree of an older commit, for a before/after comparison with the same load and the same buckets).
 """
@@ -140,7 +140,7 @@ def markdown(name: str, a: dict, meta: dict) -> str:
 
 
 async def _profile(server, wl, concurrency: int, seconds: float, rate: int, svg: Path, raw: Path,
-                   py_spy: str) -> dict:
+                   py_spy: str, flags: list[str]) -> dict:
     from bench.loadgen import run_point
 
     url = server.url + server.predict_path
@@ -151,7 +151,7 @@ async def _profile(server, wl, concurrency: int, seconds: float, rate: int, svg:
         for fmt, path in (("flamegraph", svg), ("raw", raw)):
             proc = await asyncio.create_subprocess_exec(
                 py_spy, "record", "-p", pid, "-d", str(int(seconds)), "-r", str(rate), "--format", fmt,
-                "-o", str(path), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+                "-o", str(path), *flags, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
             _, err = await proc.communicate()
             if proc.returncode != 0:
                 raise RuntimeError(f"py-spy failed ({proc.returncode}): {err.decode(errors='replace')[-500:]}")
@@ -171,11 +171,14 @@ def main(argv=None) -> int:
     from bench.__main__ import _cpus, default_split
 
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.splitlines()[0])
-    p.add_argument("--name", default="tiny", help="result name: bench/results/profile-NAME.{svg,txt,md}")
+    p.add_argument("--name", default="tiny", help="result name: bench/results/profile-NAME.{svg,txt.gz,md}")
     p.add_argument("--workload", default="tiny", choices=["tiny", "demo"])
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--seconds", type=float, default=15.0, help="per py-spy recording (two recordings)")
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    p.add_argument("--gil", action="store_true",
+                   help="sample only the thread holding the GIL (py-spy --gil): Python CPU time without the threads "
+                        "that wait for the GIL or a core, which a plain sample counts where they wait")
     p.add_argument("--max-batch-size", default="auto", help="MMSERVE_MAX_BATCH_SIZE (1: batching off)")
     p.add_argument("--root", type=Path, default=None, help="serve the app from this checkout (default: this one)")
     p.add_argument("--server-cpus", default=None)
@@ -194,6 +197,7 @@ def main(argv=None) -> int:
     os.sched_setaffinity(0, client_cpus)
     a.out_dir.mkdir(parents=True, exist_ok=True)
     svg, raw, md = (a.out_dir / f"profile-{a.name}.{ext}" for ext in ("svg", "txt", "md"))
+    raw_gz = raw.with_suffix(".txt.gz")
     log_dir = BENCH_DIR / ".cache" / "logs" / f"profile-{a.name}"
     extra = dict(kv.split("=", 1) for kv in a.mmserve_env)
     srv = servers.mmserve(wl.repository_view(), name=f"profile-{a.name}", max_batch_size=a.max_batch_size,
@@ -203,16 +207,23 @@ def main(argv=None) -> int:
                             capture_output=True, text=True).stdout.strip()
     with srv:
         t0 = time.monotonic()
-        point = asyncio.run(_profile(srv, wl, a.concurrency, a.seconds, a.rate, svg, raw, py_spy))
+        point = asyncio.run(_profile(srv, wl, a.concurrency, a.seconds, a.rate, svg, raw, py_spy,
+                                  ["--gil"] if a.gil else []))
         log(f"bench.profile: profiled for {time.monotonic() - t0:.0f}s; after: {point['throughput']:.1f} req/s")
-    analysis = analyse(raw.read_text())
+    import gzip
+
+    text = raw.read_text()
+    raw_gz.write_bytes(gzip.compress(text.encode(), mtime=0))
+    raw.unlink()
+    analysis = analyse(text)
     meta = {"commit": commit or "-", "workload": f"{wl.name} ({wl.model})", "concurrency": a.concurrency,
             "server cores": sorted(server_cpus), "client cores": sorted(client_cpus),
-            "MAX_BATCH_SIZE": a.max_batch_size, "req/s unprofiled right after": point["throughput"],
+            "MAX_BATCH_SIZE": a.max_batch_size, "sampling": "GIL holder only (--gil)" if a.gil else "all threads",
+            "req/s unprofiled right after": point["throughput"],
             "p50 ms": point["p50_ms"], "p99 ms": point["p99_ms"], "svg": str(svg.relative_to(BENCH_DIR.parent))
             if svg.resolve().is_relative_to(BENCH_DIR.parent) else str(svg)}
     md.write_text(markdown(a.name, analysis, meta))
-    log(f"bench.profile: wrote {svg}, {raw}, {md}")
+    log(f"bench.profile: wrote {svg}, {raw_gz}, {md}")
     print(md.read_text())
     return 0
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 SYSTEM_LABELS = {"mmserve": "mmserve (dynamic batching)", "nobatch": "mmserve (batching off)",
-                 "litserve": "LitServe (peer)"}
+                 "litserve": "LitServe (peer)", "mmserve-before": "before: mmserve (dynamic batching)",
+                 "nobatch-before": "before: mmserve (batching off)"}
 TARGETS = {  # workload: (min fraction of the limit, min throughput vs peer) at concurrency 32, p99 no worse (issue 15)
     "demo": (0.95, 1.0),
     "tiny": (0.8, 2.0),
@@ -132,13 +133,35 @@ def cpu_ms_per_request(point: dict) -> float | None:
     return round(10 * point["server_cpu_pct"] / point["throughput"], 3)
 
 
+def before_from_same_run(report: dict, label: str) -> dict:
+    """A run served from an older checkout beside this one (`--before-root`): the report it would have made (its
+    mmserve systems, the same limit and peer), for `compare_markdown`."""
+    import copy
+
+    out = {"name": label, "label": label, "meta": {"started": report["meta"]["started"] + " (same run)"},
+           "workloads": []}
+    for wl in report["workloads"]:
+        old = copy.deepcopy({k: v for k, v in wl.items() if k not in ("systems", "ratios", "targets")})
+        old["systems"] = {s: copy.deepcopy(wl["systems"][s + "-before"]) for s in ("mmserve", "nobatch")
+                          if s + "-before" in wl["systems"]}
+        if "litserve" in wl["systems"]:
+            old["systems"]["litserve"] = copy.deepcopy(wl["systems"]["litserve"])
+        add_ratios(old)
+        out["workloads"].append(old)
+    return out
+
+
 def compare_markdown(before: dict, after: dict) -> list[str]:
     """Before / after on the same machine: per workload and concurrency, each system's req/s, p50, p99 and server
     CPU per request, and the limit (each run measures its own)."""
     label = before.get("label") or before.get("name", "before")
-    out = [f"## Before / after ({label} -> this run)", "",
-           f"Before: {before.get('meta', {}).get('started', '-')} ({label}); after: {after['meta']['started']}. "
-           "Same machine, same cores, same requests; the limit is measured anew in each run.", "",
+    started = before.get("meta", {}).get("started", "-")
+    how = (f"In one run ({after['meta']['started']}): the before-systems were served from {label}, each right before "
+           "the same system from this checkout, on the same cores with the same requests; the limit and LitServe are "
+           "measured once and shared." if started.endswith("(same run)") else
+           f"Before: {started} ({label}); after: {after['meta']['started']}. Same machine, same cores, same "
+           "requests; the limit is measured anew in each run.")
+    out = [f"## Before / after ({label} -> this run)", "", how, "",
            "| workload | conc. | system | req/s before | req/s after | p50 ms before | p50 ms after | p99 ms before | "
            "p99 ms after | server CPU ms/req before | after |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     olds = {w["workload"]: w for w in before.get("workloads", [])}
