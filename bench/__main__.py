@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="--protocols: interleaved rounds per protocol")
     p.add_argument("--reload", type=int, default=3, help="--protocols: hot reloads under load (0: none)")
     p.add_argument("--reload-concurrency", type=int, default=8, help="--protocols: clients during the reloads")
-    p.add_argument("--note", default="", help="--protocols: a line for the report (what else ran on the machine)")
+    p.add_argument("--note", default="", help="a line for the report (what else ran on the machine)")
     return p.parse_args(argv)
 
 
@@ -316,7 +316,8 @@ def main(argv=None) -> int:
                  "server_cpus": sorted(server_cpus), "client_cpus": sorted(client_cpus), "threads": threads,
                  "loadavg_at_start": [round(x, 2) for x in load], "quick": args.quick, "versions": _versions(),
                  "max_batch_size": args.max_batch_size, "peer_batch_timeout_s": args.peer_batch_timeout,
-                 "distinct_requests": args.distinct, "argv": sys.argv[1:] if argv is None else list(argv)},
+                 "distinct_requests": args.distinct, "argv": sys.argv[1:] if argv is None else list(argv),
+                 "note": args.note},
     }
     for wl in workloads:
         build_requests(wl, args.distinct, log=log)

@@ -50,7 +50,8 @@ BUCKETS: list[tuple[str, str]] = [
 # Innermost frames of a thread that waits (py-spy does not always see the wait: a worker blocked in its queue's C
 # `get`, the event loop in uvloop's C selector): not CPU, left out of the shares.
 IDLE_LEAVES = re.compile(r"^(_worker \(concurrent/futures/thread\.py\)|Runner\.run \(asyncio/runners\.py\)|"
-                         r"wait \(threading\.py\)|select \(selectors\.py\)|_run_once \(asyncio/base_events\.py\))$")
+                         r"LoopWorkers\._work \(app/core/workers\.py\)|CoalescingHandler\._flush_later \(app/logging\.py\)|"
+                         r"(\w+\.)?wait \(threading\.py\)|select \(selectors\.py\)|_run_once \(asyncio/base_events\.py\))$")
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
@@ -78,7 +79,7 @@ def thread_kind(frames: list[str]) -> str:
     text = ";".join(frames)
     if "_run (app/core/batcher.py" in text or "Batcher._run" in text or "batcher.py" in text and "_worker" in text:
         return "inference thread"
-    if "prepare (" in text and "concurrent/futures/thread.py" in text:
+    if "prepare (" in text and ("concurrent/futures/thread.py" in text or "app/core/workers.py" in text):
         return "preprocess threads"
     if "concurrent/futures/thread.py" in text or "threading.py" in text:
         return "other threads"
@@ -185,7 +186,20 @@ def main(argv=None) -> int:
     p.add_argument("--client-cpus", default=None)
     p.add_argument("--mmserve-env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
+    p.add_argument("--reanalyse", action="store_true",
+                   help="only rewrite profile-NAME.md from its profile-NAME.txt.gz (the buckets or idle frames changed)")
     a = p.parse_args(argv)
+    if a.reanalyse:
+        import gzip
+
+        md = a.out_dir / f"profile-{a.name}.md"
+        meta_line = md.read_text().splitlines()[2]
+        text = gzip.decompress((a.out_dir / f"profile-{a.name}.txt.gz").read_bytes()).decode()
+        out = markdown(a.name, analyse(text), {}).splitlines()
+        out[2] = meta_line
+        md.write_text("\n".join(out) + "\n")
+        print(md.read_text())
+        return 0
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     py_spy = str(Path(sys.executable).with_name("py-spy"))
     if not os.path.exists(py_spy):

@@ -76,7 +76,7 @@ def markdown(report: dict) -> str:
     out = [f"# mmserve bench: {report['name']}", "",
            f"{meta['started']} · {meta['machine']} · device {meta['device']} · server cores {meta['server_cpus']} "
            f"(onnxruntime intra-op threads {meta['threads']}), client cores {meta['client_cpus']} · "
-           f"{meta['requests_note']}", ""]
+           f"{meta['requests_note']}", ""] + ([meta["note"], ""] if meta.get("note") else [])
     for wl in report["workloads"]:
         lim = wl.get("limit") or {}
         out += [f"## {wl['workload']}: {wl['model']} ({wl['note']})", ""]
@@ -161,14 +161,14 @@ def compare_markdown(before: dict, after: dict) -> list[str]:
            "measured once and shared." if started.endswith("(same run)") else
            f"Before: {started} ({label}); after: {after['meta']['started']}. Same machine, same cores, same "
            "requests; the limit is measured anew in each run.")
-    out = [f"## Before / after ({label} -> this run)", "", how, "",
-           "| workload | conc. | system | req/s before | req/s after | p50 ms before | p50 ms after | p99 ms before | "
-           "p99 ms after | server CPU ms/req before | after |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [f"## Before / after ({label} -> this run)", "", how, ""]
     olds = {w["workload"]: w for w in before.get("workloads", [])}
     for wl in after["workloads"]:
         old = olds.get(wl["workload"])
         if old is None:
             continue
+        out += ["| workload | conc. | system | req/s before | req/s after | p50 ms before | p50 ms after | p99 ms before | "
+                "p99 ms after | server CPU ms/req before | after |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         lb, la = (old.get("limit") or {}).get("throughput"), (wl.get("limit") or {}).get("throughput")
         for c in wl["concurrency"]:
             if lb or la:
@@ -207,7 +207,8 @@ def chart(report: dict, path: Path) -> Path | None:
     if not wls:
         return None
     fig, axes = plt.subplots(len(wls), 2, figsize=(12, 4.2 * len(wls)), squeeze=False)
-    colors = {"mmserve": "tab:blue", "nobatch": "tab:orange", "litserve": "tab:green"}
+    colors = {"mmserve": "tab:blue", "nobatch": "tab:orange", "litserve": "tab:green",
+              "mmserve-before": "tab:purple", "nobatch-before": "tab:brown"}
     for row, wl in zip(axes, wls):
         ax_t, ax_l = row
         for sysname, sysres in wl["systems"].items():
