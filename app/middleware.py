@@ -155,14 +155,24 @@ class BodyLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = _header(scope, b"content-length")
+        length = chunked = None
+        for k, v in scope.get("headers", []):
+            k = k.lower()
+            if k == b"content-length":
+                length = v
+            elif k == b"transfer-encoding":
+                chunked = v
         if length is not None:
             try:
-                too_big = int(length) > self.limit
+                declared: int | None = int(length)
             except ValueError:
-                too_big = False
-            if too_big:
+                declared = None
+            if declared is not None and declared > self.limit:
                 return await self._too_large(receive, send)
+            if declared is not None and declared >= 0 and chunked is None:
+                # the HTTP parser delivers exactly Content-Length bytes of body (what follows is the next request):
+                # a body within the limit cannot grow past it, so there is nothing to watch
+                return await self.app(scope, receive, send)
         received = 0
         exceeded = False  # the body crossed the limit: the app's read was aborted
         body_done = False  # the last body message has been read
