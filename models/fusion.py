@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -84,7 +85,9 @@ def grid_positions(tokens: int, hidden_size: int) -> torch.Tensor:
     chance); a fixed encoding gives every cell its column and row from the first step, as in ViT-MAE.
     T is static for an image model (fixed input size), so traced exports hold the table as a constant.
     """
-    return torch.from_numpy(_grid_table(tokens, hidden_size))
+    with warnings.catch_warnings():  # under tracing it is a constant, which is what we want: no warning
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return torch.from_numpy(_grid_table(tokens, hidden_size).copy())  # a fresh tensor: the cache stays intact
 
 
 @functools.lru_cache(maxsize=8)
@@ -100,9 +103,7 @@ def _grid_table(tokens: int, hidden_size: int) -> np.ndarray:
     for coordinate in (cols.ravel(), rows.ravel()):
         angles = coordinate[:, None] * frequencies[None, :]
         parts += [np.sin(angles), np.cos(angles)]
-    table = np.concatenate(parts, axis=1)[None].astype(np.float32)
-    table.flags.writeable = False
-    return table
+    return np.concatenate(parts, axis=1)[None].astype(np.float32)
 
 
 class _ContextTokens(nn.Module):
