@@ -35,6 +35,7 @@ _LIVE: list["Server"] = []
 _GROUPS: dict[int, subprocess.Popen] = {}  # process group id -> its leader, for everything started here
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _signalled = 0
+UNWIND_S = 30.0  # after a signal, the most the bench spends unwinding before it exits regardless
 
 
 def _pdeathsig() -> None:
@@ -106,9 +107,25 @@ def _on_signal(signum: int, frame) -> None:
             pass
     if _signalled > 1:
         return  # already unwinding
+    # The exception below unwinds the bench (finally blocks, atexit). Python drops an exception raised
+    # while a finaliser runs ("Exception ignored in ..."), and a signal landing there left the bench
+    # running its million requests against dead servers (seen once in CI, under load): this timer ends
+    # the process anyway once the normal unwinding has had its time.
+    timer = threading.Timer(UNWIND_S, _force_exit, args=(signum,))
+    timer.daemon = True
+    timer.start()
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise SystemExit(128 + signum)
+
+
+def _force_exit(signum: int) -> None:
+    for pgid in list(_GROUPS):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    os._exit(128 + signum)
 
 
 def install_signal_handlers() -> bool:

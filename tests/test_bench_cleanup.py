@@ -112,3 +112,39 @@ def test_stopping_the_bench_leaves_no_process(tmp_path, sig, group, systems, mar
         for p in _alive(tree):  # never leave anything behind, whatever the assertion said
             p.kill()
         log.close()
+
+
+def test_a_swallowed_stop_still_ends_the_bench(tmp_path):
+    """A signal whose SystemExit Python drops (it landed in a finaliser) still ends the bench and its children."""
+    script = tmp_path / "swallow.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from bench import servers\n"
+        "servers.UNWIND_S = 1.0\n"
+        "servers.install_signal_handlers()\n"
+        "child = servers.spawn(['sleep', '120'])\n"
+        "print(child.pid, flush=True)\n"
+        "class Finaliser:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(0.2)  # the handler runs here; its SystemExit is 'ignored in __del__'\n"
+        "f = Finaliser()\n"
+        "del f\n"
+        "time.sleep(60)  # without the unwind timer the bench would carry on\n"
+        "sys.exit(0)\n")
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert time.monotonic() - t0 < 30
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr
+    assert "Exception ignored" in r.stderr  # the swallowed SystemExit really happened
+    child = int(r.stdout.split()[0])
+    gone = False
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            gone = True
+            break
+        time.sleep(0.1)
+    assert gone, "the bench's child outlived it"
