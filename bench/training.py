@@ -52,12 +52,11 @@ ENCODERS = {"text": "minilm", "image": "efficientnet-lite0", "audio": "whisper-t
 QUICK_ENCODERS = {"text": "tiny", "image": "tiny", "audio": "tiny"}
 QUICK_SIZES = {"train": 24, "dev": 8, "test": 8}
 
-# Extra "best recipe" variants: flags added to the fused defaults command, per task. These are the
-# best recipes found so far (issue 11: a linear probe beat full fine-tuning at lr 1e-3 on an
-# image-caption match task; cross-attention helped the visual questions). Edit as better ones are found.
-# The best alternative to the defaults measured so far (bench/results/training.md): on match, vqa and
-# speech the defaults themselves scored highest (0.91 / 0.75 / 0.92 against 0.79 / 0.60 / 0.82 frozen);
-# on ner-visual the frozen recipe reached 1.00.
+# Extra "best recipe" variants: flags added to the fused defaults command, per task: the strongest
+# alternatives to the defaults tried so far (a linear probe of every encoder; on vqa with cross-attention).
+# In bench/results/training.md (assembled with --collect) "best" is whichever alternative run scored the
+# best DEV metric, e.g. the previous defaults (--fusion-revision 2); the defaults themselves have scored
+# highest on match, vqa and speech, the frozen recipe tied them on ner-visual.
 BEST_RECIPES: dict[str, list[str]] = {
     "match": ["--freeze-encoders"],
     "vqa": ["--freeze-encoders", "--fusion", "cross_attention"],
