@@ -328,7 +328,7 @@ def markdown(meta: dict, results: list[dict], tasks: list[str]) -> str:
 Trainer: {code['source']}, commit `{code.get('commit')}`{dirty}. Encoders: {meta['encoders']}.
 Data: bench/heldout, seed {meta['seed']}, {meta['sizes']['train']} / {meta['sizes']['dev']} / {meta['sizes']['test']} records (train / dev / test).
 Every run uses the trainer's defaults except task, data, output, modalities, encoders{', epochs' if meta['epochs'] else ''} and, for "best", the flags shown.
-
+{chr(10) + meta['note'] + chr(10) if meta.get('note') else ''}
 Test metric of the best dev epoch (epochs run, mean seconds per epoch incl. dev evaluation):
 
 {table(results, tasks)}
@@ -355,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--at", default=None, metavar="REV")
     p.add_argument("--out", type=Path, default=None, metavar="PREFIX")
     p.add_argument("--collect", action="store_true")
+    p.add_argument("--note", default=None, help="a sentence for the report (e.g. what else ran on the machine)")
     args = p.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     bad = [t for t in tasks if t not in TASKS]
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
             "code": code_meta, "seed": args.seed, "sizes": sizes, "epochs": epochs,
             "encoders": ", ".join(f"{k} {v}" for k, v in (QUICK_ENCODERS if args.quick else ENCODERS).items()),
-            "best_recipes": BEST_RECIPES}
+            "best_recipes": BEST_RECIPES, "note": args.note}
     log(f"[bench.training] trainer: {code_meta['source']} {code_meta.get('commit')}"
         f"{' (trainer modified in working tree)' if code_meta.get('trainer_dirty') else ''}")
 
