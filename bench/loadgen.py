@@ -83,17 +83,24 @@ async def run_point(url: str, bodies: list[bytes], content_type: str, concurrenc
             if bs is not None:
                 res.batch_sizes.append(int(bs))
 
-        async def worker(counter: list[int], total: int, record: bool) -> None:
-            while counter[0] < total:
-                i = counter[0]
-                counter[0] += 1
-                await one(i, record)
-
-        if warmup:  # opens the connections and warms the server's code paths; not counted
-            wc = [0]
-            await asyncio.gather(*(worker(wc, warmup, False) for _ in range(concurrency)))
-        counter = [0]
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(counter, requests, True) for _ in range(concurrency)))
-        res.seconds = time.perf_counter() - t0
+        res.seconds = await closed_loop(one, concurrency, requests, warmup)
     return res
+
+
+async def closed_loop(one, concurrency: int, requests: int, warmup: int = 0) -> float:
+    """`concurrency` callers, each awaiting `one(i, record)` for the next request index as soon as its last
+    one answered: `warmup` unrecorded requests (they open the connections and warm the server's code
+    paths), then `requests` recorded ones. Returns the seconds the recorded ones took."""
+    async def worker(counter: list[int], total: int, record: bool) -> None:
+        while counter[0] < total:
+            i = counter[0]
+            counter[0] += 1
+            await one(i, record)
+
+    if warmup:
+        wc = [0]
+        await asyncio.gather(*(worker(wc, warmup, False) for _ in range(concurrency)))
+    counter = [0]
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(counter, requests, True) for _ in range(concurrency)))
+    return time.perf_counter() - t0

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import openloop
+from bench.report import git_state
 from bench.servers import mmserve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -392,21 +393,6 @@ def main(argv=None) -> int:
 
 def _np(o):
     return o.tolist() if isinstance(o, np.ndarray) else str(o)
-
-
-def git_state() -> str:
-    """The commit measured, and how many tracked files differed from it in the working tree."""
-    import subprocess
-
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                               timeout=10).stdout.splitlines()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + (f" + {len(dirty)} modified tracked file(s) in the working tree" if dirty else "")
 
 
 if __name__ == "__main__":

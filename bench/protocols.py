@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.loadgen import PointResult, run_point
+from bench.loadgen import PointResult, closed_loop, run_point
+from bench.report import git_state
 
 PROTOCOLS = ("v1_multipart", "v2_binary", "v2_json_base64", "grpc")
 LABELS = {"v1_multipart": "/v1 multipart", "v2_binary": "/v2 binary tensors", "v2_json_base64": "/v2 JSON (base64)",
@@ -107,19 +108,7 @@ async def grpc_point(target: str, messages: list, concurrency: int, requests: in
                 res.ok += 1
                 res.latencies_ms.append((time.perf_counter() - t0) * 1000)
 
-        async def worker(counter: list[int], total: int, record: bool) -> None:
-            while counter[0] < total:
-                i = counter[0]
-                counter[0] += 1
-                await one(i, record)
-
-        if warmup:
-            wc = [0]
-            await asyncio.gather(*(worker(wc, warmup, False) for _ in range(concurrency)))
-        counter = [0]
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(counter, requests, True) for _ in range(concurrency)))
-        res.seconds = time.perf_counter() - t0
+        res.seconds = await closed_loop(one, concurrency, requests, warmup)
     return res
 
 
@@ -391,16 +380,3 @@ def main(args, workloads, concurrency, server_cpus, client_cpus, threads, log_di
     return 1 if failed else 0
 
 
-def git_state() -> str:
-    """The commit measured, and how many tracked files differed from it in the working tree."""
-    import subprocess
-
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                               timeout=10).stdout.splitlines()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + (f" + {len(dirty)} modified tracked file(s) in the working tree" if dirty else "")
