@@ -44,6 +44,23 @@ def client(app_repository):
         yield c
 
 
+def post_in_threads(client: TestClient, n: int, stagger: float = 0.0) -> tuple[list[threading.Thread], list]:
+    """Start n threads, each posting one text request to /v1/classify ("request i"), `stagger` s apart.
+    Returns (threads, responses): responses fill in as they come back (callers join the threads)."""
+    out, lock = [], threading.Lock()
+
+    def go(i: int) -> None:
+        r = client.post("/v1/classify", json={"text": f"request {i}"})
+        with lock:
+            out.append(r)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+        time.sleep(stagger)
+    return threads, out
+
+
 def metric(client: TestClient, line_start: str) -> float:
     for line in client.get("/metrics").text.splitlines():
         if line.startswith(line_start):
@@ -342,18 +359,7 @@ def test_queue_full_gives_503_with_retry_after(app_repository):
     with make_client(app_repository, queue_size=1, max_batch_size=1) as c:
         wait_ready(c)
         slow_down(c, "tiny-classify", 0.4)
-        out = []
-        lock = threading.Lock()
-
-        def go(i):
-            r = c.post("/v1/classify", json={"text": f"t{i}"})
-            with lock:
-                out.append(r)
-
-        threads = [threading.Thread(target=go, args=(i,)) for i in range(6)]
-        for t in threads:
-            t.start()
-            time.sleep(0.02)
+        threads, out = post_in_threads(c, 6, stagger=0.02)
         for t in threads:
             t.join()
         codes = sorted(r.status_code for r in out)

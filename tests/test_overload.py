@@ -15,7 +15,7 @@ import pytest
 
 from app import runtime
 from tests.fixtures_app import app_repository  # noqa: F401 (fixture)
-from tests.test_app_api import make_client, metric, wait_ready
+from tests.test_app_api import make_client, metric, post_in_threads, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,16 +33,7 @@ def test_a_full_queue_refuses_before_preprocessing(app_repository):  # noqa: F81
         wait_ready(c)
         remove = runtime.add_fault_hook(hook)
         try:
-            out, lock = [], threading.Lock()
-
-            def go(i: int) -> None:
-                r = c.post("/v1/classify", json={"text": f"request {i}"})
-                with lock:
-                    out.append(r)
-
-            threads = [threading.Thread(target=go, args=(i,)) for i in range(6)]
-            for t in threads:
-                t.start()
+            threads, out = post_in_threads(c, 6)
             end = time.monotonic() + 10
             while time.monotonic() < end and len(out) < 4:
                 time.sleep(0.01)
