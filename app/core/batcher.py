@@ -16,6 +16,11 @@ Policy (explicit, in the spirit of TEI's continuous batching with Triton's max-q
   cancelled: deadline hit or client disconnected) are dropped, and items past their deadline fail with
   504 without being run.
 * If a batch inference raises, its items are retried one by one so only the culprit fails.
+* If it ran out of memory (`app.runtime.is_out_of_memory`: a GPU's allocator, torch's OutOfMemoryError), it is
+  split in halves and each half retried, recursively down to single items (one by one after 64 items would be
+  slow, and the halves usually fit); an item that runs out of memory alone fails alone. The model's max batch
+  size is then lowered to the largest size that ran in that split, once, with a warning, and `on_lowered(size,
+  source)` tells the owner (what `/v1/models` shows); later batches are never bigger.
 * The queue is bounded (`queue_size`): `submit` raises `QueueFull` (with a retry-after hint) beyond it.
 * Every result goes back to its own caller through its own future.
 
@@ -36,6 +41,7 @@ from typing import Any, Callable, Sequence
 from app.core.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
 from app.core.workers import LoopWorkers
 from app.logging import request_id_var
+from app.runtime import is_out_of_memory
 
 log = logging.getLogger("mmserve.batcher")
 
@@ -83,10 +89,12 @@ class _BatchRun:
 
 class Batcher:
     def __init__(self, name: str, infer: Callable[[list[Any]], Sequence[Any]], *, max_batch_size: int,
-                 max_delay_s: float, queue_size: int, metrics: Any = None):
+                 max_delay_s: float, queue_size: int, metrics: Any = None,
+                 on_lowered: Callable[[int, str], None] | None = None):
         self.name = name
         self.infer = infer
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = max_batch_size  # lowered (from the inference thread) after an out-of-memory
+        self.on_lowered = on_lowered
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
         self.metrics = metrics
@@ -230,24 +238,55 @@ class Batcher:
                 live.append(item)
         run.size = len(live)
         if live:
-            try:
-                outputs = list(self.infer([it.payload for it in live]))
-                if len(outputs) != len(live):
-                    raise RuntimeError(f"infer returned {len(outputs)} outputs for {len(live)} inputs")
-                run.outcomes += [_Outcome(it, "ok", out) for it, out in zip(live, outputs)]
-            except Exception as exc:  # noqa: BLE001
-                if len(live) == 1:
-                    run.outcomes.append(_Outcome(live[0], "error", exc))
-                else:
-                    log.warning("batcher %s: batch of %d failed (%s: %s); retrying items one by one",
-                                self.name, len(live), type(exc).__name__, exc)
-                    for it in live:
-                        try:
-                            run.outcomes.append(_Outcome(it, "ok", list(self.infer([it.payload]))[0]))
-                        except Exception as item_exc:  # noqa: BLE001
-                            run.outcomes.append(_Outcome(it, "error", item_exc))
+            fitted: list[int] = []  # sizes that ran after an out-of-memory in this batch
+            run.outcomes += self._infer(live, fitted, after_oom=False)
+            if fitted:
+                self._lower(max(fitted), len(live))
         run.seconds = time.monotonic() - run.started
         return run
+
+    def _infer(self, items: list[WorkItem], fitted: list[int], after_oom: bool) -> list[_Outcome]:
+        """Run `items` as one batch. On out-of-memory: the two halves, each the same way (`fitted` collects the
+        sizes that ran after an out-of-memory); on any other error: each item alone."""
+        try:
+            outputs = list(self.infer([it.payload for it in items]))
+            if len(outputs) != len(items):
+                raise RuntimeError(f"infer returned {len(outputs)} outputs for {len(items)} inputs")
+        except Exception as exc:  # noqa: BLE001
+            if is_out_of_memory(exc):
+                if len(items) == 1:
+                    return [_Outcome(items[0], "error", _alone_out_of_memory(exc))]
+                log.info("batcher %s: batch of %d ran out of memory (%s); retrying it in halves", self.name,
+                         len(items), _short(exc))
+                half = (len(items) + 1) // 2
+                return self._infer(items[:half], fitted, True) + self._infer(items[half:], fitted, True)
+            if len(items) == 1:
+                return [_Outcome(items[0], "error", exc)]
+            log.warning("batcher %s: batch of %d failed (%s: %s); retrying items one by one",
+                        self.name, len(items), type(exc).__name__, exc)
+            out = []
+            for it in items:
+                try:
+                    out.append(_Outcome(it, "ok", list(self.infer([it.payload]))[0]))
+                except Exception as item_exc:  # noqa: BLE001
+                    out.append(_Outcome(it, "error", _alone_out_of_memory(item_exc)
+                                        if is_out_of_memory(item_exc) else item_exc))
+            return out
+        if after_oom:
+            fitted.append(len(items))
+        return [_Outcome(it, "ok", out) for it, out in zip(items, outputs)]
+
+    def _lower(self, size: int, oom_at: int) -> None:
+        """After a batch of `oom_at` ran out of memory and batches of `size` ran: no batch bigger than `size` from
+        now on (the sealed batch already waiting, if any, is split the same way if it does not fit)."""
+        if size >= self.max_batch_size:
+            return
+        before, self.max_batch_size = self.max_batch_size, size
+        source = f"lowered after out-of-memory at {oom_at}"
+        log.warning("batcher %s: a batch of %d ran out of memory; max batch size lowered from %d to %d (the largest "
+                    "that then ran)", self.name, oom_at, before, size)
+        if self.on_lowered is not None:
+            self.on_lowered(size, source)
 
     @property
     def busy(self) -> bool:
@@ -296,10 +335,13 @@ class Batcher:
                 exc = oc.value
                 token = request_id_var.set(item.request_id)
                 try:
-                    log.error("inference failed on model %s: %s: %s", self.name, type(exc).__name__, exc)
+                    log.error("inference failed on model %s: %s: %s", self.name, type(exc).__name__,
+                              _short(exc.__cause__) if isinstance(exc, InferenceFailed) and exc.__cause__ else exc)
                 finally:
                     request_id_var.reset(token)
-                item.future.set_exception(InferenceFailed())
+                # an InferenceFailed made here carries its own message (out of memory alone); any other error's
+                # text stays in the log (it may show internals)
+                item.future.set_exception(exc if isinstance(exc, InferenceFailed) else InferenceFailed())
 
     def _reject(self, reason: str) -> None:
         if self.metrics is not None:
@@ -308,3 +350,16 @@ class Batcher:
     def _gauge(self) -> None:
         if self._m:
             self._m["queue_depth"].set(len(self._pending))
+
+
+def _alone_out_of_memory(exc: BaseException) -> InferenceFailed:
+    """The answer for an item that runs out of memory in a batch of its own (smaller batches cannot help)."""
+    err = InferenceFailed("the model ran out of memory on this input alone (it needs more device memory than is free)")
+    err.__cause__ = exc
+    return err
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    """An error on one line, cut (onnxruntime's allocation errors carry long stack-like texts)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
