@@ -3,12 +3,13 @@
 On SIGTERM/SIGINT readiness turns false, requests are still served for DRAIN_PERIOD_S, then the listener closes
 with every connection already in its backlog answered (503 + Retry-After), in-flight requests finish (up to
 SHUTDOWN_TIMEOUT_S), and the app's lifespan drains the batchers and releases the models (`app/server.py`).
+With MMSERVE_WORKERS > 1 this process becomes the engine and starts the front-end processes (`app/workers.py`).
 """
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -22,19 +23,29 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def serve(args: argparse.Namespace | None = None) -> None:
-    import uvicorn
-
     from app.logging import configure_logging
-    from app.main import create_app
-    from app.http_timeouts import protocol_class
-    from app.server import DrainingServer
     from app.settings import Settings
 
     overrides = {k: v for k, v in vars(args or argparse.Namespace()).items()
                  if k in ("repository", "host", "port", "device", "backend") and v is not None}
     settings = Settings(**overrides)
     configure_logging(settings.log_level, settings.log_format)
-    app = create_app(settings)
+    if settings.workers > 1:  # this process becomes the engine, N front-end processes serve HTTP (app/workers.py)
+        from app.workers import run_workers
+
+        raise SystemExit(run_workers(settings, overrides))
+    from app.main import create_app
+
+    build_server(create_app(settings), settings).run_owned()
+
+
+def build_server(app: Any, settings: Any) -> Any:
+    """The DrainingServer of `app` with the settings' host, port, timeouts and drain (one process, or a front-end)."""
+    import uvicorn
+
+    from app.http_timeouts import protocol_class
+    from app.server import DrainingServer
+
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=settings.shutdown_timeout_s,
                             server_header=False, proxy_headers=False,
@@ -45,8 +56,8 @@ def serve(args: argparse.Namespace | None = None) -> None:
     def unready() -> None:
         registry.leaving = True
 
-    DrainingServer(config, drain_period_s=settings.drain_period_s, on_drain=unready, linger_bytes=settings.linger_bytes,
-                   linger_s=settings.linger_s).run_owned()
+    return DrainingServer(config, drain_period_s=settings.drain_period_s, on_drain=unready,
+                          linger_bytes=settings.linger_bytes, linger_s=settings.linger_s)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -102,7 +102,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
         try:
-            return oip.statistics(self.service, request.name or None, request.version or None)
+            return await oip.statistics(self.service, request.name or None, request.version or None)
         except oip.OipError as err:
             await _abort(context, err)
 

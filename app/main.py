@@ -36,26 +36,46 @@ DESCRIPTION = """Multimodal (text + image + audio) inference with dynamic batchi
 """
 
 
-def build_service(s: Settings, metrics: Metrics) -> Service:
-    """The serving core, each part with the options it needs (nothing below here reads Settings)."""
-    load = LoadOptions(backend=s.backend, device=s.device, intra_op_threads=s.intra_op_threads,
+def load_options(s: Settings) -> LoadOptions:
+    return LoadOptions(backend=s.backend, device=s.device, intra_op_threads=s.intra_op_threads,
                        inter_op_threads=s.inter_op_threads, allow_spinning=s.allow_spinning,
                        max_image_pixels=s.max_image_pixels, max_audio_seconds=s.max_audio_seconds,
                        max_batch_size=s.max_batch_size, warmup=s.warmup)
-    registry = Registry(s.repository, metrics, pinned=s.model_versions, load=load,
-                        max_delay_s=s.max_delay_ms / 1000.0, queue_size=s.queue_size,
-                        strict_readiness=s.strict_readiness)
+
+
+def build_registry(s: Settings, metrics: Metrics) -> Registry:
+    return Registry(s.repository, metrics, pinned=s.model_versions, load=load_options(s),
+                    max_delay_s=s.max_delay_ms / 1000.0, queue_size=s.queue_size, strict_readiness=s.strict_readiness)
+
+
+def build_service(s: Settings, metrics: Metrics, engine_path: str | None = None) -> Service:
+    """The serving core, each part with the options it needs (nothing below here reads Settings). `engine_path`:
+    a front-end process of MMSERVE_WORKERS > 1, whose models live in the engine behind that socket."""
+    registry: Registry
+    if engine_path:
+        from app.core.remote import FrontRegistry
+
+        registry = FrontRegistry(s.repository, metrics, engine_path=engine_path, load=load_options(s),
+                                 max_delay_s=s.max_delay_ms / 1000.0, queue_size=s.queue_size,
+                                 strict_readiness=s.strict_readiness)
+    else:
+        registry = build_registry(s, metrics)
     control = ModelControl(registry, mode=s.model_control, poll_interval_s=s.poll_interval_s, bind_host=s.host,
                            allow_remote=s.allow_remote_model_control,
                            drain_timeout_s=s.request_timeout_s + s.shutdown_timeout_s)
-    return Service(registry, metrics, preprocess_workers=s.preprocess_workers, request_timeout_s=s.request_timeout_s,
-                   control=control, unhealthy_after_timeouts=s.unhealthy_after_timeouts)
+    service = Service(registry, metrics, preprocess_workers=s.preprocess_workers,
+                      request_timeout_s=s.request_timeout_s, control=control,
+                      unhealthy_after_timeouts=s.unhealthy_after_timeouts)
+    if engine_path:
+        service.statistics_source = registry.client.statistics  # type: ignore[attr-defined]
+    return service
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine_path: str | None = None) -> FastAPI:
+    """`engine_path`: the app of one front-end process of MMSERVE_WORKERS > 1 (`app/frontend.py`)."""
     settings = settings or Settings()
     metrics = Metrics()
-    service = build_service(settings, metrics)
+    service = build_service(settings, metrics, engine_path)
     registry = service.registry
 
     @asynccontextmanager

@@ -31,6 +31,7 @@ from app.core.items import Item, decode_b64
 from app.core.loading import ModelEntry
 from app.core.registry import Registry
 from app.core.service import Call, Service
+from app.core.stats import Statistics
 from app.oip_tensors import encode_raw
 from app.tasks import get_task
 
@@ -154,11 +155,11 @@ def _duration(target: Any, d: Any) -> None:
     target.count, target.ns = d.count, d.ns
 
 
-def model_statistics(service: Service, entries: list[ModelEntry]) -> pb.ModelStatisticsResponse:
+def model_statistics(stats: Statistics, entries: list[ModelEntry]) -> pb.ModelStatisticsResponse:
     """Triton's statistics of `entries`, from the counters the core keeps beside its Prometheus metrics."""
     resp = pb.ModelStatisticsResponse()
     for entry in entries:
-        s = service.metrics.stats.model(entry.name)
+        s = stats.model(entry.name)
         ms = resp.model_stats.add(name=entry.name, version=str(entry.version), last_inference=s.last_inference_ms,
                                   inference_count=s.inference_count, execution_count=s.execution_count)
         for part in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
@@ -169,12 +170,16 @@ def model_statistics(service: Service, entries: list[ModelEntry]) -> pb.ModelSta
     return resp
 
 
-def statistics(service: Service, model: str | None, version: str | None) -> pb.ModelStatisticsResponse:
-    """All served models (no `model`), or one."""
+async def statistics(service: Service, model: str | None, version: str | None) -> pb.ModelStatisticsResponse:
+    """All served models (no `model`), or one (with MMSERVE_WORKERS > 1, totals over every process)."""
     registry = service.registry
-    if model:
-        return model_statistics(service, [lookup(registry, model, version)])
-    return model_statistics(service, [e for e in registry.entries.values() if e.version is not None])
+    entries = [lookup(registry, model, version)] if model else [e for e in registry.entries.values()
+                                                                if e.version is not None]
+    try:
+        stats = await service.statistics()
+    except ServingError as err:
+        raise from_core(err) from None
+    return model_statistics(stats, entries)
 
 
 def proto_json(message: Any) -> dict[str, Any]:

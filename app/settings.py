@@ -134,6 +134,16 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Python logging level name.")
     host: str = Field("0.0.0.0", description="Address `mmserve serve` binds.")
     port: int = Field(8000, ge=0, le=65535, description="Port `mmserve serve` binds.")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Front-end processes. 1 (default): one process parses, preprocesses, batches and infers. N > 1: "
+        "`mmserve serve` becomes the engine (the models and one batcher per model) and starts N front-end processes "
+        "on the same port that parse, decode and tokenise, then hand the prepared inputs to the engine, so batches "
+        "form across all of them. Helps when one core of preprocessing cannot keep the device busy (a GPU); on a CPU "
+        "with few cores one process is usually fastest. Not with MODEL_CONTROL explicit / poll.",
+    )
     grpc_port: int = Field(
         8001,
         ge=0,

@@ -352,7 +352,8 @@ def build_router(service: Service, *, backend: str, max_batch_items: int,
 
     async def stats(request: Request) -> Response:
         try:
-            resp = oip.statistics(service, request.path_params.get("model"), request.path_params.get("version"))
+            resp = await oip.statistics(service, request.path_params.get("model"),
+                                        request.path_params.get("version"))
         except oip.OipError as err:
             return _error(err)
         return JSONResponse(oip.proto_json(resp))

@@ -175,6 +175,19 @@ def discover(repository: Path, pinned: dict[str, int]) -> dict[str, ModelEntry]:
 
 
 # ------------------------------------------------------------------------------------ loading
+def load_preprocessing(entry: ModelEntry, *, max_image_pixels: int | None, max_audio_seconds: float | None) -> None:
+    """What preprocessing an entry needs, without a runtime: its manifest (read if not yet) and its `Preprocessor`
+    (tokenizer, image and audio settings). A front-end process (MMSERVE_WORKERS > 1) loads only this."""
+    from models.preprocessing import Preprocessor  # numpy/PIL/tokenizers only
+
+    assert entry.directory is not None
+    if entry.manifest is None:
+        entry.manifest = read_manifest(entry.directory)
+    entry.preprocessor = Preprocessor(entry.manifest.preprocessing, entry.directory,
+                                      max_image_pixels=max_image_pixels, max_audio_seconds=max_audio_seconds)
+    entry.pad_id = int(getattr(entry.preprocessor, "pad_id", 0) or 0)
+
+
 class ModelLoader:
     """Verifies, loads, sizes and warms one model (in a worker thread). `on_state(entry)` after each state change."""
 
@@ -199,11 +212,7 @@ class ModelLoader:
         if problems:
             raise RuntimeError("file integrity check failed: " + "; ".join(problems))
         entry.manifest = manifest
-        from models.preprocessing import Preprocessor  # numpy/PIL/tokenizers only
-
-        entry.preprocessor = Preprocessor(manifest.preprocessing, entry.directory,
-                                          max_image_pixels=o.max_image_pixels, max_audio_seconds=o.max_audio_seconds)
-        entry.pad_id = int(getattr(entry.preprocessor, "pad_id", 0) or 0)
+        load_preprocessing(entry, max_image_pixels=o.max_image_pixels, max_audio_seconds=o.max_audio_seconds)
         entry.runtime = create_runtime(o.backend, entry.directory, manifest, o.device, o.intra_op_threads,
                                        o.inter_op_threads, o.allow_spinning)
         expected = [t.name for t in manifest.inputs]

@@ -17,6 +17,7 @@ from app.core.errors import ClientGone, DeadlineExceeded, InternalError, QueueFu
 from app.core.items import Item
 from app.core.loading import ModelEntry
 from app.core.registry import Registry
+from app.core.stats import Statistics
 from app.core.workers import LoopWorkers
 from app.metrics import Metrics
 from app.tasks import Task
@@ -62,6 +63,8 @@ class Service:
         self.inflight = 0
         self._idle = asyncio.Event()
         self._preparing: dict[int, int] = {}  # id(entry) -> items admitted and being preprocessed, not yet queued
+        # MMSERVE_WORKERS > 1: the statistics extension's totals over every process (None: this process's own)
+        self.statistics_source: Callable[[], Awaitable[Statistics]] | None = None
 
     def start(self) -> None:
         self.pool = LoopWorkers(self.preprocess_workers, "preprocess")
@@ -82,6 +85,12 @@ class Service:
         await self.registry.drain(timeout)
         if self.pool is not None:
             self.pool.shutdown()
+
+    async def statistics(self) -> Statistics:
+        """The statistics extension's counters (`app/core/stats.py`)."""
+        if self.statistics_source is None:
+            return self.metrics.stats
+        return await self.statistics_source()
 
     def deadline(self, call: Call, timeout_ms: int | None) -> float:
         seconds = self.request_timeout_s

@@ -1,0 +1,310 @@
+"""A front-end process's side of MMSERVE_WORKERS > 1: the engine (`app/core/engine.py`) seen as a registry.
+
+`FrontRegistry` is the `Registry` the front-end's Service, REST, v2 and gRPC use; its entries mirror the engine's
+(state, reason, batch size and its source, runtime device / provider, from the snapshots the engine pushes on
+every change), each with the model's manifest and preprocessing loaded here (no runtime), and `RemoteBatcher` as
+`entry.batcher`: the same interface as `Batcher` for the Service (submit / dispatch / depth / queue_size /
+max_delay_s / busy / last_progress / drain), backed by the engine's batcher of that model.
+
+When the engine connection is lost the front-end answers 503 (`not_ready`) to every model request, readiness
+turns false, and `on_lost` runs (the front-end process starts its own graceful shutdown).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from app.core import ipc
+from app.core.batcher import Prepared
+from app.core.errors import NotReady
+from app.core.loading import FAILED, PENDING, READY, LoadOptions, ModelEntry, load_preprocessing
+from app.core.registry import Registry
+from app.core.stats import ModelStats, Statistics
+
+log = logging.getLogger("mmserve.frontend")
+
+CONNECT_S = 30.0  # how long a front-end keeps trying to reach the engine at start-up
+
+
+@dataclasses.dataclass
+class RemoteRuntime:
+    """What a front-end knows of the engine's runtime of a model (for /v1/models, v2 metadata, model_info)."""
+
+    backend: str
+    device: str
+    provider: str
+
+    def close(self) -> None:
+        pass
+
+
+class RemoteBatcher:
+    """`entry.batcher` in a front-end: the engine's batcher of the same model version."""
+
+    def __init__(self, client: EngineClient, name: str, version: int | None, *, max_batch_size: int,
+                 max_delay_s: float, queue_size: int):
+        self.client = client
+        self.name = name
+        self.version = version
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.queue_size = queue_size
+        self.depth = 0  # the engine's queue depth, as last reported (replies and pushes)
+        self.engine_busy = False
+        self.last_progress = time.monotonic()
+        self._held: list[tuple] = []  # submitted with dispatch=False, sent together by dispatch()
+        self._outstanding = 0  # items sent and not answered
+
+    @property
+    def busy(self) -> bool:
+        """A batch is running at the engine, or items of this front-end wait there."""
+        return self.engine_busy or self._outstanding > 0
+
+    def submit(self, payload: Prepared, deadline: float, request_id: str = "-", dispatch: bool = True
+               ) -> asyncio.Future:
+        if not self.client.connected:
+            raise NotReady(f"model '{self.name}' is not ready (the engine process is gone)")
+        fut = asyncio.get_running_loop().create_future()
+        rid = self.client.track(fut, self)
+        f = payload.features  # only what inference needs travels (word ids and meta stay for postprocessing)
+        slim = Prepared(dataclasses.replace(f, word_ids=None) if f.word_ids is not None else f, payload.length)
+        self._held.append((rid, slim, deadline, request_id))
+        self._outstanding += 1
+        if dispatch:
+            self.dispatch()
+        return fut
+
+    def dispatch(self) -> None:
+        if self._held:
+            held, self._held = self._held, []
+            self.client.send(("submit", self.name, self.version, held))
+
+    def answered(self) -> None:
+        self._outstanding -= 1
+
+    def report(self, depth: int, busy: bool, last_progress: float) -> None:
+        self.depth, self.engine_busy, self.last_progress = depth, busy, last_progress
+
+    async def drain(self, timeout: float) -> None:
+        """The engine drains the real batcher (after every front-end has gone)."""
+
+
+class EngineClient:
+    """The connection to the engine: requests out, answers and pushed state in."""
+
+    def __init__(self, path: str, registry: FrontRegistry):
+        self.path = path
+        self.registry = registry
+        self.connected = False
+        self.closing = False
+        self.on_lost: Callable[[], None] | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task | None = None
+        self._pending: dict[int, tuple[asyncio.Future, RemoteBatcher]] = {}
+        self._queries: dict[int, asyncio.Future] = {}
+        self._rids = itertools.count(1)
+        self.first_state = asyncio.Event()
+
+    async def connect(self) -> None:
+        end = time.monotonic() + CONNECT_S
+        while True:
+            try:
+                reader, self._writer = await asyncio.open_unix_connection(self.path, limit=1 << 20)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > end:
+                    raise
+                await asyncio.sleep(0.05)
+        self.connected = True
+        self._reader_task = asyncio.create_task(self._read(reader), name="engine-reader")
+
+    async def close(self) -> None:
+        self.closing = True
+        if self._writer is not None:
+            self._writer.close()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+
+    def send(self, message: Any) -> None:
+        assert self._writer is not None
+        ipc.send(self._writer, message)
+
+    def track(self, fut: asyncio.Future, batcher: RemoteBatcher) -> int:
+        rid = next(self._rids)
+        self._pending[rid] = (fut, batcher)
+        fut.add_done_callback(lambda f: self._cancelled(rid) if f.cancelled() else None)
+        return rid
+
+    def _cancelled(self, rid: int) -> None:
+        """Client gone or deadline hit (Service cancels the future): the engine's batcher drops the item."""
+        entry = self._pending.pop(rid, None)
+        if entry is not None:
+            entry[1].answered()
+            if self.connected:
+                self.send(("cancel", [rid]))
+
+    async def statistics(self) -> Statistics:
+        """The statistics extension's totals over the engine and every front-end."""
+        if not self.connected:
+            raise NotReady("the engine process is gone")
+        qid = next(self._rids)
+        fut = self._queries[qid] = asyncio.get_running_loop().create_future()
+        self.send(("stats", qid))
+        try:
+            models = await asyncio.wait_for(fut, 5.0)
+        finally:
+            self._queries.pop(qid, None)
+        stats = Statistics()
+        stats.models.update(models)
+        return stats
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                message = await ipc.receive(reader)
+                kind = message[0]
+                if kind in ("result", "error"):
+                    self._answer(*message[1:])
+                elif kind == "load":
+                    self.registry.apply_load(message[1])
+                elif kind == "state":
+                    await self.registry.apply_state(message[1], self)
+                    self.first_state.set()
+                elif kind == "stats_pull":
+                    part = {name: s for name, s in self.registry.metrics.stats.models.items()}
+                    self.send(("stats_part", message[1], part))
+                elif kind == "stats":
+                    fut = self._queries.get(message[1])
+                    if fut is not None and not fut.done():
+                        fut.set_result(message[2])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001
+            log.exception("front-end: engine connection broken")
+        finally:
+            self._lost()
+
+    def _answer(self, rid: int, value: Any, load: tuple) -> None:
+        self.registry.apply_load({load[0]: load[1:]})
+        entry = self._pending.pop(rid, None)
+        if entry is None:  # cancelled meanwhile
+            return
+        fut, batcher = entry
+        batcher.answered()
+        if fut.done():
+            return
+        if isinstance(value, tuple):
+            fut.set_exception(ipc.error_in(value))
+        else:
+            fut.set_result(value)
+
+    def _lost(self) -> None:
+        was = self.connected
+        self.connected = False
+        pending, self._pending = self._pending, {}
+        for fut, _ in pending.values():
+            if not fut.done():
+                fut.set_exception(NotReady("the engine process is gone"))
+        for fut in self._queries.values():
+            if not fut.done():
+                fut.set_exception(NotReady("the engine process is gone"))
+        if was and not self.closing:
+            log.error("front-end %d: lost the engine connection; answering 503 and shutting down", os.getpid())
+            self.registry.draining = True
+            self.first_state.set()
+            if self.on_lost is not None:
+                self.on_lost()
+
+
+class FrontRegistry(Registry):
+    """The engine's registry as a front-end sees it (module docstring). `load_all` connects to the engine."""
+
+    def __init__(self, repository: Path, metrics: Any, *, engine_path: str, load: LoadOptions = LoadOptions(),
+                 max_delay_s: float = 0.005, queue_size: int = 256, strict_readiness: bool = False):
+        super().__init__(repository, metrics, load=load, max_delay_s=max_delay_s, queue_size=queue_size,
+                         strict_readiness=strict_readiness)
+        self.client = EngineClient(engine_path, self)
+
+    def scan(self) -> list[ModelEntry]:
+        return []  # the engine scans; its entries arrive with its first snapshot
+
+    async def load_all(self) -> None:
+        """Connect to the engine and take its first snapshot (models' preprocessing loaded)."""
+        try:
+            await self.client.connect()
+            await self.client.first_state.wait()
+        except Exception:  # noqa: BLE001
+            log.exception("front-end %d: cannot reach the engine at %s", os.getpid(), self.client.path)
+            self.draining = True
+            if self.client.on_lost is not None:
+                self.client.on_lost()
+
+    async def drain(self, timeout: float) -> None:
+        await super().drain(timeout)
+        await self.client.close()
+
+    def apply_load(self, load: dict[str, tuple]) -> None:
+        for name, (depth, busy, last_progress) in load.items():
+            entry = self.entries.get(name)
+            if entry is not None and isinstance(entry.batcher, RemoteBatcher):
+                entry.batcher.report(depth, busy, last_progress)
+
+    async def apply_state(self, snapshot: dict[str, Any], client: EngineClient) -> None:
+        """Mirror the engine's entries: a new model (or version) gets its manifest and preprocessing loaded here
+        (off the event loop) before it counts as ready in this front-end."""
+        self.max_delay_s, self.queue_size = snapshot["max_delay_s"], snapshot["queue_size"]
+        old = self.entries
+        entries: dict[str, ModelEntry] = {}
+        for m in snapshot["models"]:
+            entry = old.get(m["name"])
+            if entry is None or entry.version != m["version"]:
+                entry = ModelEntry(m["name"], m["version"], Path(m["directory"]) if m["directory"] else None)
+            await self._mirror(entry, m, client)
+            entries[entry.name] = entry
+        self.entries = entries
+        self.loading_done = snapshot["loading_done"]
+        if snapshot["leaving"]:
+            self.leaving = True
+
+    async def _mirror(self, entry: ModelEntry, m: dict[str, Any], client: EngineClient) -> None:
+        before = (entry.state, entry.reason, entry.runtime)
+        for key in ("reason", "max_batch_size", "batch_size_source", "batch_calibration", "load_seconds",
+                    "warmup_seconds"):
+            setattr(entry, key, m[key])
+        if m["backend"] is not None:
+            entry.runtime = RemoteRuntime(m["backend"], m["device"], m["provider"])
+        state = m["state"]
+        if entry.directory is not None and entry.preprocessor is None and state not in (FAILED, PENDING):
+            try:
+                o = self.load_options
+                await asyncio.to_thread(load_preprocessing, entry, max_image_pixels=o.max_image_pixels,
+                                        max_audio_seconds=o.max_audio_seconds)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("front-end: preprocessing of %s:%s failed to load", entry.name, entry.version)
+                entry.preprocessor = None
+                state, entry.reason = FAILED, f"preprocessing failed in a front-end: {type(exc).__name__}: {exc}"
+        if entry.manifest is None and entry.directory is not None and state != PENDING:
+            try:  # a failed model still shows its task and modalities, as in one process
+                from models.manifest import read_manifest
+
+                entry.manifest = read_manifest(entry.directory)
+            except Exception:  # noqa: BLE001
+                pass
+        entry.state = state
+        if state == READY and entry.batcher is None:
+            entry.batcher = RemoteBatcher(client, entry.name, entry.version, max_batch_size=entry.max_batch_size,
+                                          max_delay_s=self.max_delay_s, queue_size=self.queue_size)
+        if (entry.state, entry.reason, entry.runtime) != before:
+            self._info(entry)
+
+
+__all__ = ["EngineClient", "FrontRegistry", "RemoteBatcher", "RemoteRuntime"]

@@ -1,0 +1,45 @@
+"""One front-end process of MMSERVE_WORKERS > 1, started by the engine process (`app/workers.py`), never by hand:
+
+    python -m app.frontend --fd N --engine SOCKET --index I
+
+The same FastAPI app and DrainingServer as one process, on the listening socket the engine bound and passed down
+(fd N, shared by every front-end: the kernel spreads connections over them), with a `FrontRegistry` whose
+models live in the engine behind SOCKET (`app/core/remote.py`). Settings come from the same MMSERVE_* environment.
+SIGTERM drains exactly as one process does; losing the engine starts that same drain (every model request is
+answered 503 meanwhile). gRPC, when GRPC_PORT is set, is served by front-end 0 alone (its requests still join
+the engine's batches with everyone else's).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+from typing import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m app.frontend")
+    parser.add_argument("--fd", type=int, required=True, help="the inherited listening socket")
+    parser.add_argument("--engine", required=True, help="the engine's Unix socket")
+    parser.add_argument("--index", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from app.__main__ import build_server
+    from app.logging import configure_logging
+    from app.main import create_app
+    from app.settings import Settings
+
+    settings = Settings()
+    if args.index > 0:  # gRPC (GRPC_PORT) is served by the first front-end only: a busy port stays an error
+        settings = settings.model_copy(update={"grpc_port": 0})
+    configure_logging(settings.log_level, settings.log_format)
+    app = create_app(settings, engine_path=args.engine)
+    server = build_server(app, settings)
+    app.state.service.registry.client.on_lost = lambda: os.kill(os.getpid(), signal.SIGTERM)
+    server.listener = socket.socket(fileno=args.fd)
+    server.run(sockets=[server.listener.dup()])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""MMSERVE_WORKERS > 1: `mmserve serve` becomes the engine and starts N front-end processes on one port.
+
+    mmserve serve (engine: registry, runtimes, one batcher per model, IPC socket; no HTTP)
+      +- python -m app.frontend --index 0   uvicorn + the app: parse, decode, tokenise -> engine -> answer
+      +- ...                                 (N of them, on the listening socket bound here and inherited)
+
+Start: a private 0700 directory holds the engine's Unix socket and PROMETHEUS_MULTIPROC_DIR (set before
+prometheus_client is imported anywhere, so every process writes its metrics there and any front-end's /metrics
+shows the totals); the listening socket is bound once here and passed to each front-end (spawned: fork + exec of
+a fresh interpreter, nothing inherited from this process's threads or runtimes).
+
+Stop (SIGTERM / SIGINT): readiness turns false everywhere, each front-end gets SIGTERM and drains as one process
+does (`app/server.py`: drain period, backlog answered 503, in-flight requests answered), and once they have all
+exited the engine drains its batchers and exits 0. A front-end that exits on its own is logged and the whole
+server shuts down the same way (exit 1): the orchestrator restarts the pod, nothing is left half-served.
+MODEL_CONTROL explicit / poll is refused with WORKERS > 1 (front-ends would have to follow hot reloads).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from app.settings import Settings
+
+log = logging.getLogger("mmserve.workers")
+
+KILL_AFTER_S = 15.0  # past DRAIN_PERIOD_S + SHUTDOWN_TIMEOUT_S, a front-end still running is killed
+
+
+def check(settings: Settings) -> None:
+    if settings.model_control != "none":
+        raise SystemExit(f"MMSERVE_WORKERS={settings.workers} cannot run with MMSERVE_MODEL_CONTROL="
+                         f"{settings.model_control}: model load / unload and hot reload work in one process only "
+                         "(set MMSERVE_WORKERS=1, or MMSERVE_MODEL_CONTROL=none)")
+
+
+def run_workers(settings: Settings, overrides: dict[str, Any]) -> int:
+    """Serve until SIGTERM; the exit code (0: a clean shutdown)."""
+    check(settings)
+    private = Path(tempfile.mkdtemp(prefix="mmserve-workers-"))  # 0700
+    try:
+        metrics_dir = private / "metrics"
+        metrics_dir.mkdir()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        if "prometheus_client" in sys.modules:  # imported already (not by mmserve): values must go to the files
+            from prometheus_client import values
+
+            values.ValueClass = values.get_value_class()
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        listener = socket.create_server((settings.host, settings.port), family=family, backlog=2048)
+        listener.set_inheritable(True)
+        env = dict(os.environ, **{f"MMSERVE_{k.upper()}": str(v) for k, v in overrides.items()})
+        return asyncio.run(_supervise(settings, listener, str(private / "engine.sock"), env))
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+async def _supervise(settings: Settings, listener: socket.socket, engine_path: str, env: dict[str, str]) -> int:
+    from prometheus_client import multiprocess
+
+    from app.core.engine import Engine
+    from app.main import build_registry
+    from app.metrics import Metrics
+
+    loop = asyncio.get_running_loop()
+    registry = build_registry(settings, Metrics())
+    engine = Engine(registry, engine_path)
+    await engine.start()
+    fd = listener.fileno()
+    procs = [await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app.frontend", "--fd", str(fd), "--engine", engine_path, "--index", str(i),
+        pass_fds=(fd,), env=env) for i in range(settings.workers)]
+    listener.close()  # the front-ends hold it now: once they have all closed theirs, connections are refused
+    log.info("engine pid %d serving %s:%d through %d front-end process(es): %s", os.getpid(), settings.host,
+             settings.port, len(procs), ", ".join(str(p.pid) for p in procs))
+    stopping = False
+    deadline = float("inf")
+
+    def stop(sig: int = signal.SIGTERM) -> None:
+        nonlocal stopping, deadline
+        if not stopping:
+            log.info("engine: %s: front-ends drain, then the engine", signal.Signals(sig).name)
+            deadline = loop.time() + settings.drain_period_s + settings.shutdown_timeout_s + KILL_AFTER_S
+        stopping = True
+        registry.leaving = True
+        for p in procs:
+            if p.returncode is None:
+                p.send_signal(signal.SIGTERM)  # a second signal cuts a front-end's drain period short
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig)
+    code = 0
+    waits = {asyncio.create_task(p.wait()): p for p in procs}
+    while waits:
+        timeout = None if deadline == float("inf") else max(0.0, deadline - loop.time())
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            for p in waits.values():
+                log.error("front-end pid %d still running after the shutdown timeout: killed", p.pid)
+                p.kill()
+            deadline = float("inf")
+            continue
+        for task in done:
+            p = waits.pop(task)
+            multiprocess.mark_process_dead(p.pid)
+            if not stopping:
+                log.error("front-end pid %d exited unexpectedly (exit %s): shutting the server down", p.pid,
+                          p.returncode)
+                code = 1
+                stop()
+            elif p.returncode != 0:
+                log.error("front-end pid %d exited with %s", p.pid, p.returncode)
+                code = 1
+    log.info("front-ends gone; draining the engine's batchers")
+    await engine.stop(settings.shutdown_timeout_s)
+    log.info("engine: shutdown complete")
+    return code

@@ -1,0 +1,210 @@
+"""MMSERVE_WORKERS=2 on the real server (`python -m app` in a subprocess): an engine process with the models and
+their batchers, two front-end processes on one port. What a user sees: the same answers as one process, batches
+that mix requests of both front-ends, one coherent /metrics and statistics, deadlines, queue-full 503s, and a
+SIGTERM under load that answers every request and leaves no process behind.
+
+Which front-end holds a connection is read from the operating system (psutil: the server side of the client's
+TCP connection), never from the server itself."""
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.fixtures_app import app_repository  # noqa: F401 (fixture)
+from tests.media import audio_bytes, image_bytes
+from tests.test_app_api import make_client, wait_ready
+from tests.test_app_live import Server
+from tests.test_oip_binary import binary_request, bytes_tensor, lp, split_response
+
+pytestmark = pytest.mark.slow
+DELAY_MS = 300  # every inference batch (in the engine) takes this much longer: batches form while one runs
+
+
+@pytest.fixture(scope="module")
+def workers(app_repository):  # noqa: F811
+    s = Server(app_repository, delay_ms=DELAY_MS, workers=2, max_batch_size=32, max_delay_ms=DELAY_MS,
+               request_timeout_s=20)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def single(app_repository):  # noqa: F811
+    with make_client(app_repository, max_batch_size=32) as c:
+        wait_ready(c)
+        yield c
+
+
+def frontends(server: Server) -> list[psutil.Process]:
+    return psutil.Process(server.proc.pid).children()
+
+
+def owner(procs: list[psutil.Process], client_port: int) -> int | None:
+    """The pid of the front-end that holds the server side of the client's connection from `client_port`."""
+    for p in procs:
+        for c in p.net_connections(kind="tcp"):
+            if c.raddr and c.raddr.port == client_port:
+                return p.pid
+    return None
+
+
+def connections_per_frontend(server: Server, n: int) -> dict[int, list[http.client.HTTPConnection]]:
+    """`n` open keep-alive connections on each front-end (extra ones are closed)."""
+    procs = frontends(server)
+    assert len(procs) == 2
+    held: dict[int, list[http.client.HTTPConnection]] = {p.pid: [] for p in procs}
+    end = time.monotonic() + 20
+    while any(len(v) < n for v in held.values()):
+        assert time.monotonic() < end, {pid: len(v) for pid, v in held.items()}
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.connect()
+        port = conn.sock.getsockname()[1]
+        pid = None
+        for _ in range(200):  # the front-end accepts it asynchronously
+            pid = owner(procs, port)
+            if pid is not None:
+                break
+            time.sleep(0.01)
+        assert pid is not None
+        if len(held[pid]) < n:
+            held[pid].append(conn)
+        else:
+            conn.close()
+    return held
+
+
+def post_json(conn: http.client.HTTPConnection, path: str, body: dict, out: list, i: int) -> None:
+    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    out[i] = (r.status, dict(r.getheaders()), json.loads(r.read()))
+
+
+def requests_total(server: Server) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("mmserve_requests_total{"))
+
+
+def test_same_answers_as_one_process(workers, single):
+    png, wav = image_bytes(), audio_bytes()
+    files = {"image": ("x.png", png, "image/png"), "audio": ("x.wav", wav, "audio/wav")}
+    data = {"text": "alice flew from paris to berlin", "top_k": "3"}
+    for path, kw in (("/v1/classify", {"data": data, "files": files}),
+                     ("/v1/ner", {"data": {"text": "alice flew from paris to berlin"}})):
+        got = httpx.post(workers.url + path, timeout=30, **kw)
+        want = single.post(path, **kw)
+        assert got.status_code == want.status_code == 200, got.text
+        a, b = got.json(), want.json()
+        if path == "/v1/classify":
+            assert [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
+            for p, q in zip(a["predictions"], b["predictions"]):
+                assert p["score"] == pytest.approx(q["score"], rel=1e-5, abs=1e-6)
+        else:
+            strip = [{k: v for k, v in e.items() if k != "score"} for e in a["entities"]]
+            assert strip == [{k: v for k, v in e.items() if k != "score"} for e in b["entities"]]
+            for e, f in zip(a["entities"], b["entities"]):
+                assert e["score"] == pytest.approx(f["score"], rel=1e-5, abs=1e-6)
+    models = httpx.get(workers.url + "/v1/models").json()["models"]
+    assert {m["name"]: (m["state"], m["max_batch_size"], m["batch_size_source"], m["device"]) for m in models} == {
+        m: ("ready", 32, "settings", "cpu") for m in ("tiny-classify", "tiny-ner", "tiny-vqa")}
+    assert httpx.get(workers.url + "/readyz").json()["ready"] is True
+    assert httpx.get(workers.url + "/v2/health/ready").status_code == 200
+
+
+def test_batches_mix_both_frontends_and_metrics_count_them_all(workers):
+    before = requests_total(workers)
+    held = connections_per_frontend(workers, 8)
+    conns = [c for cs in held.values() for c in cs]
+    out: list = [None] * len(conns)
+    threads = [threading.Thread(target=post_json, args=(c, "/v1/classify", {"text": f"request {i}"}, out, i))
+               for i, c in enumerate(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for c in conns:
+        c.close()
+    assert [o[0] for o in out] == [200] * 16, out
+    sizes = [int(o[1]["x-batch-size"]) for o in out]
+    # 8 requests per front-end: a batch of more than 8 held requests of both
+    assert max(sizes) > 8, sizes
+    # every front-end's /metrics shows the totals of all processes
+    for _ in range(4):
+        assert requests_total(workers) - before == 16
+    text = httpx.get(workers.url + "/metrics").text
+    assert 'mmserve_inflight_requests{endpoint="/v1/classify"} 0.0' in text
+    stats = httpx.get(workers.url + "/v2/models/tiny-classify/stats").json()["model_stats"][0]
+    s = stats["inference_stats"]
+    assert s["success"]["count"] == s["compute_input"]["count"] == s["queue"]["count"] == stats["inference_count"]
+    assert s["success"]["count"] >= 16 and max(b["batch_size"] for b in stats["batch_stats"]) > 8
+
+
+def test_v2_json_and_binary(workers, single):
+    body = {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [2, 1], "data": ["bob lives in london",
+                                                                                       "a red square"]}]}
+    got = httpx.post(workers.url + "/v2/models/tiny-classify/infer", json=body, timeout=30)
+    want = single.post("/v2/models/tiny-classify/infer", json=body)
+    assert got.status_code == 200, got.text
+    assert got.json()["outputs"][0]["data"] == pytest.approx(want.json()["outputs"][0]["data"], rel=1e-5)
+    raw, headers = binary_request([(bytes_tensor("TEXT", 1), lp(b"bob lives in london"))],
+                                  outputs=[{"name": "SCORES", "parameters": {"binary_data": True}}])
+    r = httpx.post(workers.url + "/v2/models/tiny-classify/infer", content=raw, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    head, chunks = split_response(r)
+    assert head["outputs"][0]["name"] == "SCORES" and len(chunks["SCORES"]) == 3 * 4
+
+
+def test_deadline_gives_504(workers):
+    r = httpx.post(workers.url + "/v1/classify", json={"text": "too slow", "timeout_ms": 50}, timeout=30)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
+
+
+def test_queue_full_then_sigterm_under_load(app_repository):  # noqa: F811
+    s = Server(app_repository, delay_ms=DELAY_MS, workers=2, max_batch_size=2, queue_size=2, max_delay_ms=1,
+               drain_period_s=1.0)
+    try:
+        procs = frontends(s)
+        assert len(procs) == 2
+        # queue full: 503 + Retry-After in the same JSON error as one process
+        with httpx.Client(timeout=30) as client:
+            results: list = [None] * 24
+
+            def post(i: int) -> None:
+                results[i] = client.post(s.url + "/v1/classify", json={"text": f"request {i}"})
+
+            threads = [threading.Thread(target=post, args=(i,)) for i in range(24)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+        codes = [r.status_code for r in results]
+        assert 200 in codes and 503 in codes, codes
+        full = next(r for r in results if r.status_code == 503)
+        assert full.json()["error"]["code"] == "overloaded" and int(full.headers["retry-after"]) >= 1
+
+        # SIGTERM with requests in flight on both front-ends: each is answered, everything exits 0
+        held = connections_per_frontend(s, 1)
+        conns = [c for cs in held.values() for c in cs]
+        out: list = [None] * len(conns)
+        threads = [threading.Thread(target=post_json, args=(c, "/v1/classify", {"text": f"last {i}"}, out, i))
+                   for i, c in enumerate(conns)]
+        for t in threads:
+            t.start()
+        time.sleep(0.1)  # both requests are at the engine (one batch runs DELAY_MS)
+        s.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(30)
+        assert [o[0] for o in out] == [200, 200], out
+        assert s.proc.wait(30) == 0, s.logs()
+        for p in procs:
+            assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, p
+        assert "front-ends gone" in s.logs()
+    finally:
+        s.stop()
