@@ -7,20 +7,25 @@ Which front-end holds a connection is read from the operating system (psutil: th
 TCP connection), never from the server itself."""
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
+import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
 import pytest
+import tritonclient.grpc as grpcclient
 
 from tests.fixtures_app import app_repository  # noqa: F401 (fixture)
 from tests.media import audio_bytes, image_bytes
 from tests.test_app_api import make_client, wait_ready
-from tests.test_app_live import Server
+from tests.test_app_live import Server, free_port
 from tests.test_oip_binary import binary_request, bytes_tensor, lp, split_response
 
 pytestmark = pytest.mark.slow
@@ -29,8 +34,10 @@ DELAY_MS = 300  # every inference batch (in the engine) takes this much longer: 
 
 @pytest.fixture(scope="module")
 def workers(app_repository):  # noqa: F811
+    port = free_port()
     s = Server(app_repository, delay_ms=DELAY_MS, workers=2, max_batch_size=32, max_delay_ms=DELAY_MS,
-               request_timeout_s=20)
+               request_timeout_s=20, grpc_port=port)
+    s.grpc_port = port
     yield s
     s.stop()
 
@@ -161,6 +168,42 @@ def test_v2_json_and_binary(workers, single):
     assert head["outputs"][0]["name"] == "SCORES" and len(chunks["SCORES"]) == 3 * 4
 
 
+def test_grpc_answers_as_rest(workers):
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{workers.grpc_port}")
+    try:
+        assert c.is_server_ready() and c.is_model_ready("tiny-classify")
+        t = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
+        t.set_data_from_numpy(np.array([b"bob lives in london"], dtype=object).reshape(-1, 1))
+        scores = c.infer("tiny-classify", [t]).as_numpy("SCORES")[0]
+    finally:
+        c.close()
+    rest = httpx.post(workers.url + "/v1/classify", json={"text": "bob lives in london", "top_k": 3}, timeout=30)
+    labels = ["negative", "neutral", "positive"]
+    for pred in rest.json()["predictions"]:
+        assert scores[labels.index(pred["label"])] == pytest.approx(pred["score"], rel=1e-5, abs=1e-6)
+
+
+def test_disconnected_client_is_dropped_by_the_engine(workers):
+    dropped = 'mmserve_rejections_total{model="tiny-classify",reason="disconnected"}'
+    batches = 'mmserve_batch_size_count{model="tiny-classify"}'
+    before = workers.metric(dropped), workers.metric(batches)
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=workers.url, timeout=30) as ac:
+            first = asyncio.create_task(ac.post("/v1/classify", json={"text": "keeps the model busy"}))
+            await asyncio.sleep(0.1)
+            gone = asyncio.create_task(ac.post("/v1/classify", json={"text": "will hang up"}))
+            await asyncio.sleep(0.1)
+            gone.cancel()  # closes that connection while its request waits in the engine's queue
+            await asyncio.gather(gone, return_exceptions=True)
+            return await first
+
+    assert asyncio.run(scenario()).status_code == 200
+    time.sleep(DELAY_MS / 1000 * 2)
+    assert workers.metric(dropped) - before[0] == 1
+    assert workers.metric(batches) - before[1] == 1  # the dropped request never ran
+
+
 def test_deadline_gives_504(workers):
     r = httpx.post(workers.url + "/v1/classify", json={"text": "too slow", "timeout_ms": 50}, timeout=30)
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
@@ -208,3 +251,55 @@ def test_queue_full_then_sigterm_under_load(app_repository):  # noqa: F811
         assert "front-ends gone" in s.logs()
     finally:
         s.stop()
+
+
+def gone(procs: list[psutil.Process], timeout: float = 15) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in procs):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_engine_dying_answers_503_and_frontends_exit(app_repository):  # noqa: F811
+    s = Server(app_repository, workers=2, max_batch_size=4, drain_period_s=2.0)
+    try:
+        procs = frontends(s)
+        private = Path(procs[0].cmdline()[procs[0].cmdline().index("--engine") + 1]).parent
+        s.proc.kill()  # the engine process, with its models (it cannot remove its private directory)
+        s.proc.wait(10)
+        time.sleep(0.3)
+        r = httpx.post(s.url + "/v1/classify", json={"text": "anyone there"}, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready", r.text
+        assert httpx.get(s.url + "/readyz", timeout=10).status_code == 503
+        assert gone(procs), [p.pid for p in procs]
+    finally:
+        s.stop()
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def test_frontend_dying_shuts_the_server_down(app_repository):  # noqa: F811
+    s = Server(app_repository, workers=2, max_batch_size=4)
+    try:
+        procs = frontends(s)
+        procs[0].kill()
+        assert s.proc.wait(30) == 1
+        assert gone(procs)
+        assert "exited unexpectedly" in s.logs()
+    finally:
+        s.stop()
+
+
+def test_model_control_is_refused_with_workers(app_repository):  # noqa: F811
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_app_live import ROOT
+
+    env = dict(os.environ, MMSERVE_REPOSITORY=str(app_repository), MMSERVE_WORKERS="2",
+               MMSERVE_MODEL_CONTROL="explicit", MMSERVE_PORT=str(free_port()), PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "MMSERVE_WORKERS=2" in r.stderr and "MMSERVE_MODEL_CONTROL=explicit" in r.stderr
