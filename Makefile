@@ -40,10 +40,13 @@ bench: install
 fuzz: install
 	bash scripts/fuzz.sh
 
-# One-shot GPU check (training half): short runs on cuda with autocast and fp32, DDP on 2 GPUs when present;
-# writes bench/results/gpu-train.{json,md}. Without a GPU: one line, exit 0.
+# Everything GPU in one go, under 8 minutes on one H100 / H200, safe to re-run (scripts/gpu_check.py): installs the
+# CUDA build of torch and onnxruntime-gpu's CUDA libraries where missing, runs `pytest -m cuda`, the GPU training
+# check (bench/results/gpu-train.{json,md}), and `python -m bench --device cuda` (bench/results/gpu.{md,json,png}),
+# each part time-boxed, its result and seconds in gpu.md. Fails only when a CUDA test fails. Without a GPU: one line,
+# exit 0. `$(PY) scripts/gpu_check.py --dry-run` prints the plan.
 gpu-check: install
-	$(PY) scripts/gpu_train_check.py
+	$(PY) scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,344 @@
+"""`make gpu-check`: everything that needs a GPU, in one go, under 8 minutes on one H100 / H200; safe to re-run.
+
+Without a usable NVIDIA GPU (no driver, or `app.runtime.cuda_device_count() == 0`) it prints one line and exits 0.
+With one, it runs these parts in order, each time-boxed (its share of the 8 minutes: a part gets at most its cap and
+always leaves the later parts their minimum); a part that fails or runs out of time is reported and the next one runs:
+
+  install     what the GPU paths need in this environment, only where missing: the CUDA libraries of
+              onnxruntime-gpu (`onnxruntime-gpu[cuda,cudnn]` at the installed version) when its CUDA provider cannot
+              start, and the CUDA build of torch when the CPU build is installed (same version; GPU_CHECK_PIP_ARGS adds
+              pip arguments, e.g. `--index-url https://download.pytorch.org/whl/cu130`). What failed is reported.
+  cuda-tests  `pytest -m cuda tests/test_gpu.py` (the CUDA provider really used, I/O binding, CPU parity,
+              TorchScript on CUDA, out-of-memory split under a real arena limit)
+  training    scripts/gpu_train_check.py: short training runs on the GPU -> bench/results/gpu-train.{json,md}
+  demo-model  builds model_repository/demo-classify when it is missing (the bench's demo workload; skipped if there)
+  bench       `python -m bench --device cuda` on the tiny and demo models: the in-process limit, mmserve with dynamic
+              batching and with batching off, LitServe on the same GPU, concurrency 1, 32 and 64
+              -> bench/results/gpu.{md,json,png}
+
+Then bench/results/gpu.md (and gpu.json under "gpu_check") list each part's result and seconds and link the training
+report. Exit status: non-zero only when a CUDA test failed (or the CUDA tests could not finish). `--dry-run` prints
+the plan and its commands and touches nothing (with or without a GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "bench" / "results"
+LOGS = ROOT / ".cache" / "gpu-check"
+TOTAL_S = 465.0  # 7 min 45 s for the parts; the report is written in the rest of the 8 minutes
+DEMO_MODEL = ROOT / "model_repository" / "demo-classify"
+
+
+@dataclass
+class Part:
+    """One time-boxed step: `command` runs in its own process group (killed whole when its time is up)."""
+
+    name: str
+    what: str
+    command: list[str]
+    cap_s: float  # the most this part may take
+    min_s: float  # what the parts before it must leave it
+    critical: bool = False  # its failure makes the exit status non-zero (the CUDA tests)
+    skip: str | None = None  # why it does not run (decided when the plan is made)
+    budget_flag: str | None = None  # an option of `command` that takes the part's minutes (the bench's --max-minutes)
+
+
+@dataclass
+class Result:
+    name: str
+    status: str  # passed | failed | timeout | skipped
+    seconds: float
+    budget_s: float
+    note: str = ""
+    log: str | None = None
+    tail: list[str] = field(default_factory=list)
+    started: float = 0.0  # time.time() when it began
+
+
+def python() -> str:
+    return sys.executable
+
+
+def plan(gpus: int) -> list[Part]:
+    py = python()
+    cpus = os.cpu_count() or 2
+    bench = [py, "-m", "bench", "--device", "cuda", "--name", "gpu", "--out-dir", str(RESULTS),
+             "--workloads", "tiny,demo", "--systems", "limit,mmserve,nobatch,litserve", "--concurrency", "1,32,64",
+             "--requests", "300", "--note", f"make gpu-check on {gpus} GPU(s)"]
+    if cpus >= 8:  # a GPU serves faster than one client core can load it: 4 cores for the load generator
+        bench += ["--client-cpus", "0-3", "--server-cpus", f"4-{cpus - 1}"]
+    parts = [
+        Part("install", "CUDA libraries for onnxruntime-gpu and the CUDA build of torch, where missing",
+             [py, str(Path(__file__).resolve()), "--install-only"], cap_s=150, min_s=0),
+        Part("cuda-tests", "pytest -m cuda (tests/test_gpu.py)",
+             [py, "-m", "pytest", "-m", "cuda", "tests/test_gpu.py", "-q", "-rs", "-p", "no:cacheprovider"],
+             cap_s=120, min_s=60, critical=True),
+        Part("training", "short training runs on the GPU (scripts/gpu_train_check.py)",
+             [py, "scripts/gpu_train_check.py"], cap_s=120, min_s=60),
+        Part("demo-model", "build model_repository/demo-classify for the bench's demo workload",
+             [py, "-m", "training.cli", "demo-model", "--repository", "model_repository", "--work-dir", ".cache/demo",
+              "--no-baselines"], cap_s=150, min_s=0,
+             skip="model_repository/demo-classify is there" if DEMO_MODEL.is_dir() else None),
+        Part("bench", "serving benchmark on the GPU (python -m bench --device cuda)", bench, cap_s=240, min_s=120,
+             budget_flag="--max-minutes"),
+    ]
+    return parts
+
+
+def budget(parts: list[Part], index: int, left_s: float) -> float:
+    """Part `index`'s time: its cap, less what the later (running) parts must keep as their minimum."""
+    reserve = sum(p.min_s for p in parts[index + 1:] if p.skip is None)
+    return max(0.0, min(parts[index].cap_s, left_s - reserve))
+
+
+def command_for(part: Part, budget_s: float) -> list[str]:
+    if part.budget_flag:  # the bench stops starting new points in time to write its report
+        return part.command + [part.budget_flag, f"{max(0.5, (budget_s - 45) / 60):.1f}"]
+    return part.command
+
+
+def run_part(part: Part, budget_s: float, log_dir: Path) -> Result:
+    """Run one part in its own session, killed (the whole process group) when `budget_s` has passed."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{part.name}.log"
+    if part.skip:
+        return Result(part.name, "skipped", 0.0, budget_s, part.skip)
+    if budget_s < 1:
+        return Result(part.name, "skipped", 0.0, budget_s, "no time left in the 8 minutes")
+    cmd = command_for(part, budget_s)
+    started = time.time()
+    t0 = time.monotonic()
+    with open(log, "w") as out:
+        out.write("$ " + shlex.join(cmd) + "\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})
+        try:
+            rc = proc.wait(timeout=budget_s)
+            status = "passed" if rc == 0 else "failed"
+            note = "" if rc == 0 else f"exit status {rc}"
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            status, note = "timeout", f"stopped after its {budget_s:.0f} s"
+    seconds = time.monotonic() - t0
+    tail = log.read_text(errors="replace").splitlines()[-15:]
+    return Result(part.name, status, round(seconds, 1), round(budget_s, 1), note, str(log), tail, started)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_parts(parts: list[Part], total_s: float, log_dir: Path, say=print) -> list[Result]:
+    start = time.monotonic()
+    results = []
+    for i, part in enumerate(parts):
+        b = budget(parts, i, total_s - (time.monotonic() - start))
+        say(f"gpu-check: [{part.name}] {part.what} (up to {b:.0f} s)", flush=True)
+        r = run_part(part, b, log_dir)
+        say(f"gpu-check: [{part.name}] {r.status} in {r.seconds:.1f} s" + (f": {r.note}" if r.note else ""),
+            flush=True)
+        results.append(r)
+    return results
+
+
+def exit_status(parts: list[Part], results: list[Result]) -> int:
+    critical = {p.name for p in parts if p.critical}
+    return 1 if any(r.name in critical and r.status in ("failed", "timeout") for r in results) else 0
+
+
+# ------------------------------------------------------------------------------------ report
+def report_markdown(results: list[Result], device: str, out_dir: Path) -> str:
+    lines = [f"## GPU check (`make gpu-check`, {device})", "",
+             "| part | result | seconds | time box s | note |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.name} | {r.status} | {r.seconds} | {r.budget_s:.0f} | {r.note} |")
+    lines += ["", f"Total {sum(r.seconds for r in results):.0f} s. Training: "
+              + ("[gpu-train.md](gpu-train.md)" if (out_dir / "gpu-train.md").is_file() else "no report (see above)")
+              + ". Serving: the bench's tables above"
+              + ("" if (out_dir / "gpu.json").is_file() else " (none: the bench did not finish)") + "."]
+    for r in results:
+        if r.status in ("failed", "timeout") and r.tail:
+            lines += ["", f"<details><summary>{r.name}: last lines of {Path(r.log or '').name}</summary>", "",
+                      "```", *r.tail, "```", "</details>"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: list[Result], device: str, out_dir: Path) -> None:
+    """Add the parts to gpu.md / gpu.json when the bench wrote them in this run, else write them alone (an older
+    gpu.md of another run is replaced, never mixed in)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, js = out_dir / "gpu.md", out_dir / "gpu.json"
+    bench = [r for r in results if r.name == "bench" and r.status != "skipped"]
+    fresh = bool(bench) and md.is_file() and md.stat().st_mtime >= bench[0].started
+    section = report_markdown(results, device, out_dir)
+    if fresh:
+        md.write_text(md.read_text().rstrip("\n") + "\n\n" + section)
+    else:
+        md.write_text(f"# GPU check\n\nNo serving benchmark from this run.\n\n{section}")
+    data = json.loads(js.read_text()) if fresh and js.is_file() else {"name": "gpu", "workloads": []}
+    data["gpu_check"] = {"device": device, "parts": [asdict(r) for r in results]}
+    js.write_text(json.dumps(data, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------------------------ install
+def _probe(code: str) -> tuple[bool, str]:
+    """Run `code` in a fresh interpreter: (it exited 0, its last output line)."""
+    try:
+        p = subprocess.run([python(), "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return False, "probe timed out"
+    lines = (p.stdout + p.stderr).strip().splitlines()
+    return p.returncode == 0, lines[-1] if lines else ""
+
+
+ORT_PROBE = """
+import tempfile, onnx, onnxruntime as ort
+from onnx import helper, TensorProto
+from app.runtime import preload_cuda_libraries
+g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+path = tempfile.mktemp(suffix=".onnx"); onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+preload_cuda_libraries()
+s = ort.InferenceSession(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+print(s.get_providers()[0]); assert s.get_providers()[0] == "CUDAExecutionProvider"
+"""
+TORCH_PROBE = "import torch; print(torch.__version__, torch.version.cuda); assert torch.cuda.is_available()"
+
+
+def pip(*args: str) -> list[str]:
+    return [python(), "-m", "pip", "install", "--disable-pip-version-check", "--retries", "1", "--timeout", "30",
+            *args, *shlex.split(os.environ.get("GPU_CHECK_PIP_ARGS", ""))]
+
+
+def install_commands() -> list[tuple[str, str, list[list[str]]]]:
+    """(what, probe code, pip commands when the probe fails)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ort_version = version("onnxruntime-gpu")
+    except PackageNotFoundError:
+        ort_version = None
+    try:
+        torch_version = version("torch").split("+")[0]
+    except PackageNotFoundError:
+        torch_version = None
+    steps = []
+    ort_spec = f"onnxruntime-gpu[cuda,cudnn]=={ort_version}" if ort_version else "onnxruntime-gpu[cuda,cudnn]"
+    steps.append(("onnxruntime CUDA provider", ORT_PROBE, [pip(ort_spec)]))
+    torch_spec = f"torch=={torch_version}" if torch_version else "torch"
+    # first the wheel alone (the CPU build's 2.13.0+cpu satisfies ==2.13.0, hence --force-reinstall; a failed
+    # download leaves the installed build in place), then its dependencies (the nvidia-* CUDA libraries)
+    steps.append(("torch with CUDA", TORCH_PROBE, [pip("--force-reinstall", "--no-deps", torch_spec), pip(torch_spec)]))
+    return steps
+
+
+def install() -> int:
+    """The install part (`--install-only`): probe, install what is missing, probe again. Exit 1 when something is
+    still missing (the later parts run regardless and show what works)."""
+    missing = []
+    for what, probe, commands in install_commands():
+        ok, out = _probe(probe)
+        if ok:
+            print(f"install: {what}: already works ({out})")
+            continue
+        print(f"install: {what}: not usable yet; installing")
+        for cmd in commands:
+            print("$ " + shlex.join(cmd), flush=True)
+            if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+                print(f"install: {what}: pip failed")
+                break
+        ok, out = _probe(probe)
+        print(f"install: {what}: {'works now' if ok else 'STILL NOT USABLE'} ({out})")
+        if not ok:
+            missing.append(what)
+    if missing:
+        print("install: not usable: " + ", ".join(missing))
+    return 1 if missing else 0
+
+
+# ------------------------------------------------------------------------------------ main
+def gpu_count() -> int:
+    from app.runtime import cuda_device_count
+
+    return cuda_device_count()
+
+
+def device_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout.strip().splitlines()
+        return f"{len(out)} x {out[0]}" if out else "NVIDIA GPU"
+    except (OSError, subprocess.SubprocessError):
+        return "NVIDIA GPU"
+
+
+def print_plan(parts: list[Part], gpus: int) -> None:
+    print(f"gpu-check plan ({gpus} GPU(s) here" + ("; a real run would stop after one line" if gpus == 0 else "")
+          + f"; parts share {TOTAL_S:.0f} s):")
+    left = TOTAL_S
+    for i, part in enumerate(parts):
+        b = budget(parts, i, left)
+        state = f"skipped: {part.skip}" if part.skip else f"up to {b:.0f} s (cap {part.cap_s:.0f}, keeps {part.min_s:.0f})"
+        print(f"  {i + 1}. {part.name}: {part.what}; {state}" + ("; its failure fails gpu-check" if part.critical else ""))
+        print(f"     $ {shlex.join(command_for(part, b))}")
+        if part.name == "install":
+            for what, _, commands in install_commands():
+                for cmd in commands:
+                    print(f"       if {what} is missing: $ {shlex.join(cmd)}")
+        left -= 0 if part.skip else b
+    print(f"  then: {RESULTS / 'gpu.md'} and gpu.json get each part's result and seconds "
+          f"(gpu.png from the bench, gpu-train.md from training)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and its commands; run nothing")
+    ap.add_argument("--install-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.install_only:
+        return install()
+    gpus = gpu_count()
+    if args.dry_run:
+        print_plan(plan(gpus), gpus)
+        return 0
+    if gpus == 0:
+        print("gpu-check: no usable NVIDIA GPU here (no CUDA driver or no device); nothing to do")
+        return 0
+    device = device_name()
+    parts = plan(gpus)
+    started = time.time()
+    print(f"gpu-check: {device}; {len(parts)} parts in at most {TOTAL_S:.0f} s; logs in {LOGS}")
+    results = run_parts(parts, TOTAL_S, LOGS)
+    write_report(results, device, RESULTS)
+    code = exit_status(parts, results)
+    print(f"gpu-check: {time.time() - started:.0f} s; wrote {RESULTS / 'gpu.md'}; "
+          + ("CUDA tests FAILED" if code else "CUDA tests passed"))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
