@@ -40,7 +40,10 @@ def load_options(s: Settings) -> LoadOptions:
     return LoadOptions(backend=s.backend, device=s.device, intra_op_threads=s.intra_op_threads,
                        inter_op_threads=s.inter_op_threads, allow_spinning=s.allow_spinning,
                        max_image_pixels=s.max_image_pixels, max_audio_seconds=s.max_audio_seconds,
-                       max_batch_size=s.max_batch_size, warmup=s.warmup)
+                       max_batch_size=s.max_batch_size, warmup=s.warmup,
+                       cuda_mem_limit_bytes=s.cuda_mem_limit_bytes,
+                       cuda_arena_extend_strategy=s.cuda_arena_extend_strategy,
+                       cudnn_conv_algo_search=s.cudnn_conv_algo_search)
 
 
 def build_registry(s: Settings, metrics: Metrics) -> Registry:

@@ -73,10 +73,13 @@ class Settings(BaseSettings):
     # -- batching -------------------------------------------------------------------------------
     max_batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
         "auto",
-        description="Largest batch per inference. `auto` (default): each manifest's max_batch_size on GPU; on CPU, "
-        "measured per model after warm-up (batches of 1, 2, 4, ... up to the manifest's max_batch_size, about 2 s): "
-        "the smallest size within 5% of the best items/s (big models on CPU get slower per item in big batches); "
-        "with WARMUP off, the manifest's value. An integer fixes it (capped by each manifest's max_batch_size). "
+        description="Largest batch per inference. `auto` (default): measured per model on its device during warm-up "
+        "(worst-case batches of 1, 2, 4, ... up to the manifest's max_batch_size, about 2 s on CPU, 4 s on GPU): the "
+        "smallest size within 5% of the best items/s (on CPU big models get slower per item in big batches; on GPU "
+        "items/s flattens once the device is busy, and a bigger batch then only adds latency); a size that runs out "
+        "of device memory ends the sweep. With WARMUP off, the manifest's value. An integer fixes it (capped by each "
+        "manifest's max_batch_size; halved at warm-up while it runs out of memory). A batch that runs out of memory "
+        "while serving is split and retried in halves, and the model's size is lowered to the largest that ran. "
         "`/v1/models` shows the size in use and its source.",
     )
     max_delay_ms: float = Field(
@@ -104,6 +107,26 @@ class Settings(BaseSettings):
         4, ge=1, description="Threads that decode images/audio and tokenise text, off the event loop."
     )
     max_batch_items: int = Field(64, ge=1, description="Most items accepted in one `/v1/{task}/batch` request.")
+
+    # -- GPU ----------------------------------------------------------------------------------
+    cuda_mem_limit_bytes: int = Field(
+        0,
+        ge=0,
+        description="onnxruntime CUDA provider `gpu_mem_limit`: the most bytes its memory arena takes on the GPU, per "
+        "model. 0: the provider's default (no limit). A batch that needs more fails with out-of-memory and is split "
+        "(MAX_BATCH_SIZE). Only with DEVICE cuda / auto on a GPU and BACKEND onnx.",
+    )
+    cuda_arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = Field(
+        "kNextPowerOfTwo",
+        description="onnxruntime CUDA provider `arena_extend_strategy`: `kNextPowerOfTwo` grows the arena in doubling "
+        "chunks (fewer allocations), `kSameAsRequested` by what is asked (tighter under CUDA_MEM_LIMIT_BYTES).",
+    )
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
+        "HEURISTIC",
+        description="onnxruntime CUDA provider `cudnn_conv_algo_search`. `EXHAUSTIVE` (the provider's own default) "
+        "benchmarks every convolution algorithm for each new input shape, and a batch size first met while serving "
+        "pays it inside a request; `HEURISTIC` asks cuDNN's heuristics; `DEFAULT` takes the first algorithm.",
+    )
 
     # -- limits -------------------------------------------------------------------------------
     max_upload_bytes: int = Field(

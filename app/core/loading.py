@@ -18,10 +18,10 @@ from typing import Any, Callable, Literal
 import numpy as np
 
 from app.core.batcher import Batcher, Prepared
-from app.core.calibration import choose_batch_size, measure_batch_sizes
+from app.core.calibration import size_batches
 from app.core.items import Item
 from app.core.preprocess import prepare
-from app.runtime import Runtime, create_runtime
+from app.runtime import CudaOptions, Runtime, create_runtime
 from app.tasks import get_task
 from models.manifest import Manifest, read_manifest, verify_files
 
@@ -44,6 +44,9 @@ class LoadOptions:
     max_audio_seconds: float | None = None  # MAX_AUDIO_SECONDS
     max_batch_size: int | Literal["auto"] = "auto"  # MAX_BATCH_SIZE
     warmup: bool = True  # WARMUP
+    cuda_mem_limit_bytes: int = 0  # CUDA_MEM_LIMIT_BYTES
+    cuda_arena_extend_strategy: str = "kNextPowerOfTwo"  # CUDA_ARENA_EXTEND_STRATEGY
+    cudnn_conv_algo_search: str = "HEURISTIC"  # CUDNN_CONV_ALGO_SEARCH
 
 
 @dataclass(eq=False)
@@ -58,8 +61,8 @@ class ModelEntry:
     preprocessor: Any = None
     batcher: Batcher | None = None
     max_batch_size: int = 1
-    batch_size_source: str | None = None  # settings | manifest | auto-calibrated
-    batch_calibration: dict[int, float] | None = None  # batch size -> items/s measured at start-up (auto, CPU)
+    batch_size_source: str | None = None  # settings | manifest | auto-calibrated | lowered after out-of-memory at N
+    batch_calibration: dict[int, float] | None = None  # batch size -> items/s measured at start-up (auto)
     load_seconds: float | None = None
     warmup_seconds: float | None = None
     pad_id: int = 0
@@ -71,6 +74,10 @@ class ModelEntry:
     @property
     def task(self) -> str | None:
         return self.manifest.task if self.manifest else None
+
+    def batch_size_lowered(self, size: int, source: str) -> None:
+        """The batcher's `on_lowered`: a batch ran out of memory, no batch is bigger than `size` from now on."""
+        self.max_batch_size, self.batch_size_source = size, source
 
     # -- inference (runs in the model's inference thread) ----------------------------------
     def infer(self, payloads: list[Prepared]) -> list[np.ndarray]:
@@ -214,7 +221,9 @@ class ModelLoader:
         entry.manifest = manifest
         load_preprocessing(entry, max_image_pixels=o.max_image_pixels, max_audio_seconds=o.max_audio_seconds)
         entry.runtime = create_runtime(o.backend, entry.directory, manifest, o.device, o.intra_op_threads,
-                                       o.inter_op_threads, o.allow_spinning)
+                                       o.inter_op_threads, o.allow_spinning,
+                                       CudaOptions(o.cuda_mem_limit_bytes, o.cuda_arena_extend_strategy,
+                                                   o.cudnn_conv_algo_search))
         expected = [t.name for t in manifest.inputs]
         if sorted(entry.runtime.input_names) != sorted(expected):
             raise RuntimeError(f"model inputs {entry.runtime.input_names} differ from manifest {expected}")
@@ -235,30 +244,29 @@ class ModelLoader:
             self.metrics.warmup_seconds.labels(entry.name, str(entry.version)).set(entry.warmup_seconds)
 
     def warm_up(self, entry: ModelEntry) -> None:
-        """Worst case: max batch size, max sequence length, every modality present; then a batch of 1.
+        """Worst case: max sequence length, every modality present; a batch of 1, the batch sizing, a batch of 1.
 
-        MAX_BATCH_SIZE=auto on CPU: first calibrate the batch size on these worst-case items (see
-        `measure_batch_sizes`), so the worst-case batch is the chosen size, not the manifest's."""
-        assert entry.manifest is not None
+        The sizing runs worst-case batches (`calibration.size_batches`): MAX_BATCH_SIZE=auto times sizes on the
+        model's device (CPU or GPU) and keeps the one chosen; a fixed size that runs out of memory is halved until it
+        fits. Either way the worst-case batch of the size in use has run before the model is ready."""
+        assert entry.manifest is not None and entry.runtime is not None
         item = prepare(entry, get_task(entry.manifest.task), warmup_item(entry))
-        if self.options.max_batch_size == "auto" and entry.runtime is not None and entry.runtime.device == "cpu":
-            check_outputs(entry, entry.infer([item]))  # first run: allocations, lazy init
-
-            def run_once(size: int) -> float:
-                t0 = time.perf_counter()
-                entry.infer([item] * size)
-                return time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            timings = measure_batch_sizes(run_once, entry.max_batch_size)
-            entry.max_batch_size = choose_batch_size(timings)
-            entry.batch_size_source = "auto-calibrated"
-            entry.batch_calibration = {size: size / max(sec, 1e-9) for size, sec in timings.items()}
-            log.info("model %s:%s batch size %d (auto-calibrated on cpu in %.2fs: %s items/s)", entry.name,
-                     entry.version, entry.max_batch_size, time.perf_counter() - t0,
+        check_outputs(entry, entry.infer([item]))  # first run: allocations, lazy init
+        t0 = time.perf_counter()
+        sizing = size_batches(lambda size: check_outputs(entry, entry.infer([item] * size)), entry.max_batch_size,
+                              auto=self.options.max_batch_size == "auto", on_gpu=entry.runtime.device != "cpu",
+                              timer=time.perf_counter)
+        if sizing.items_per_s is not None:
+            entry.max_batch_size, entry.batch_size_source = sizing.size, sizing.source
+            entry.batch_calibration = sizing.items_per_s
+            log.info("model %s:%s batch size %d (%s on %s in %.2fs: %s items/s)", entry.name, entry.version,
+                     entry.max_batch_size, sizing.source, entry.runtime.device, time.perf_counter() - t0,
                      ", ".join(f"b{k} {v:.1f}" for k, v in entry.batch_calibration.items()))
-        for size in (entry.max_batch_size, 1):
-            check_outputs(entry, entry.infer([item] * size))
+        elif sizing.size < entry.max_batch_size:
+            log.warning("model %s:%s: a worst-case batch of %d ran out of memory at warm-up; max batch size %d",
+                        entry.name, entry.version, entry.max_batch_size, sizing.size)
+            entry.max_batch_size, entry.batch_size_source = sizing.size, sizing.source
+        check_outputs(entry, entry.infer([item]))
 
 
 def check_outputs(entry: ModelEntry, outs: list[np.ndarray]) -> None:

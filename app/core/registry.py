@@ -81,7 +81,7 @@ class Registry:
         if ok:
             entry.batcher = Batcher(entry.name, entry.infer, max_batch_size=entry.max_batch_size,
                                     max_delay_s=self.max_delay_s, queue_size=self.queue_size,
-                                    metrics=self.metrics)
+                                    metrics=self.metrics, on_lowered=entry.batch_size_lowered)
             entry.batcher.start()
             entry.state = READY
             loader.on_state(entry)
