@@ -25,7 +25,8 @@ from app.core.batcher import Prepared
 from app.core.errors import NotReady
 from app.core.loading import FAILED, PENDING, READY, LoadOptions, ModelEntry, load_preprocessing
 from app.core.registry import Registry
-from app.core.stats import ModelStats, Statistics
+from app.core.stats import Statistics
+from models.manifest import read_manifest
 
 log = logging.getLogger("mmserve.frontend")
 
@@ -283,6 +284,11 @@ class FrontRegistry(Registry):
         if m["backend"] is not None:
             entry.runtime = RemoteRuntime(m["backend"], m["device"], m["provider"])
         state = m["state"]
+        if entry.manifest is None and entry.directory is not None:
+            try:  # as the engine's scan: the task is known while the model loads (503, not 404), or once it failed
+                entry.manifest = read_manifest(entry.directory)
+            except Exception:  # noqa: BLE001 - the engine has failed it with the reason
+                pass
         if entry.directory is not None and entry.preprocessor is None and state not in (FAILED, PENDING):
             try:
                 o = self.load_options
@@ -292,13 +298,6 @@ class FrontRegistry(Registry):
                 log.exception("front-end: preprocessing of %s:%s failed to load", entry.name, entry.version)
                 entry.preprocessor = None
                 state, entry.reason = FAILED, f"preprocessing failed in a front-end: {type(exc).__name__}: {exc}"
-        if entry.manifest is None and entry.directory is not None and state != PENDING:
-            try:  # a failed model still shows its task and modalities, as in one process
-                from models.manifest import read_manifest
-
-                entry.manifest = read_manifest(entry.directory)
-            except Exception:  # noqa: BLE001
-                pass
         entry.state = state
         if state == READY and entry.batcher is None:
             entry.batcher = RemoteBatcher(client, entry.name, entry.version, max_batch_size=entry.max_batch_size,
