@@ -24,9 +24,16 @@ def make_session(model_file: Path, threads: int, device: str = "cpu"):
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     providers: list[Any] = ["CPUExecutionProvider"]
     if device.startswith("cuda"):
+        from app.runtime import CudaOptions, preload_cuda_libraries
+
+        preload_cuda_libraries()  # as mmserve's runtime: the CUDA libraries of the nvidia-* wheels
         index = int(device.partition(":")[2] or 0)
-        providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
-    return ort.InferenceSession(str(model_file), sess_options=so, providers=providers)
+        providers.insert(0, ("CUDAExecutionProvider", CudaOptions().provider_options(index)))
+    session = ort.InferenceSession(str(model_file), sess_options=so, providers=providers)
+    if device.startswith("cuda") and session.get_providers()[0] != "CUDAExecutionProvider":
+        # onnxruntime falls back to CPU silently: a GPU benchmark must not compare a CPU limit or peer
+        raise RuntimeError(f"device {device!r}: onnxruntime fell back to {session.get_providers()[0]}")
+    return session
 
 
 class Engine:
