@@ -13,9 +13,10 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.core.errors import InvalidJson, ServingError
+from app.core.errors import InvalidJson, QueueFull, ServingError
 from app.core.jsonbody import parse_json
 from app.core.loading import ModelEntry
 from app.core.service import ItemOutcome, Service
@@ -223,6 +224,26 @@ async def _handle(service: Service, request: Request, task: Task, *, batch: bool
             return err.response()
 
 
+async def _refuse_early(service: Service, request: Request, task: Task, refusal: QueueFull) -> Response:
+    """503 + Retry-After for a request that arrived with every model of its task full (`Service.refuse_early`):
+    its body is read and dropped unparsed (left unread, the connection could not carry the next request)."""
+    with service.call(f"/v1/{task.name}") as call:
+        call.model = refusal.model
+        err = api_error(refusal)
+        call.status = err.status
+        await discard_body(request)
+        return err.response()
+
+
+async def discard_body(request: Request) -> None:
+    """Read the request's body and drop it (a client that hangs up meanwhile ends it)."""
+    try:
+        async for _ in request.stream():
+            pass
+    except ClientDisconnect:
+        pass
+
+
 class TaskFastPath:
     """`POST /v1/{task}` (the single-record form) straight to its handler.
 
@@ -253,6 +274,9 @@ def fast_routes(service: Service, *, max_upload_bytes: int, max_batch_items: int
     """The single-record task routes' handlers by path, for `TaskFastPath` (the same as `build_router`'s)."""
     def handler(task: Task) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         async def single(request: Request) -> Response:
+            refusal = service.refuse_early(task=task.name)
+            if refusal is not None:
+                return await _refuse_early(service, request, task, refusal)
             return await _handle(service, request, task, batch=False, max_upload=max_upload_bytes,
                                  max_items=max_batch_items)
         return single

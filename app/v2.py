@@ -40,7 +40,7 @@ from app.core.errors import ServingError
 from app.core.jsonbody import parse_json
 from app.core.service import Service
 from app.oip_tensors import decode_raw, flatten
-from app.rest import wait_disconnect
+from app.rest import discard_body, wait_disconnect
 
 INFER_ENDPOINT = "/v2/models/{model}/infer"  # metrics label (bounded cardinality)
 HEADER_LENGTH = "inference-header-content-length"
@@ -179,6 +179,11 @@ async def _infer(service: Service, request: Request, max_batch_items: int, max_u
     with service.call(INFER_ENDPOINT) as call:
         try:
             try:
+                refusal = service.refuse_early(model=model)  # overloaded: refused before the body is parsed
+                if refusal is not None:
+                    call.model = model
+                    await discard_body(request)
+                    raise refusal
                 raw = await read_body(request, max_upload_bytes, service.request_timeout_s)
                 body, inputs = parse_infer_body(raw, request.headers.get(HEADER_LENGTH), max_batch_items)
                 rid = body.get("id")

@@ -370,6 +370,35 @@ def test_queue_full_gives_503_with_retry_after(app_repository):
         assert metric(c, 'mmserve_rejections_total{model="tiny-classify",reason="queue_full"}') == len(rejected)
 
 
+def test_full_queue_refuses_at_the_head_without_parsing_the_body(app_repository):
+    """Under overload a request is refused before its body is parsed (the body is read and dropped): a malformed
+    body gets the 503 + Retry-After a good one would, on /v1 and on v2, and the requests already admitted are
+    answered; once the queue has room the same malformed bodies get their 400."""
+    with make_client(app_repository, queue_size=1, max_batch_size=1) as c:
+        wait_ready(c)
+        slow_down(c, "tiny-classify", 0.8)
+        # one running, one waiting sealed behind it (the batcher's pipeline), one queued: the queue (1) is full
+        threads, out = post_in_threads(c, 3, stagger=0.05)
+        time.sleep(0.3)
+        v1 = c.post("/v1/classify", content=b"{not json", headers={"content-type": "application/json"})
+        v2 = c.post("/v2/models/tiny-classify/infer", content=b"{not json",
+                    headers={"content-type": "application/json"})
+        for t in threads:
+            t.join()
+        assert sorted(r.status_code for r in out) == [200, 200, 200]
+        assert v1.status_code == 503 and v1.json()["error"]["code"] == "overloaded", v1.text
+        assert int(v1.headers["retry-after"]) >= 1
+        assert v2.status_code == 503 and "queue is full" in v2.json()["error"], v2.text
+        assert int(v2.headers["retry-after"]) >= 1
+        assert metric(c, 'mmserve_rejections_total{model="tiny-classify",reason="queue_full"}') == 2
+        assert metric(c, 'mmserve_requests_total{endpoint="/v1/classify",model="tiny-classify",status="503"}') == 1
+        again = c.post("/v1/classify", content=b"{not json", headers={"content-type": "application/json"})
+        assert again.status_code == 400, again.text
+        again = c.post("/v2/models/tiny-classify/infer", content=b"{not json",
+                       headers={"content-type": "application/json"})
+        assert again.status_code == 400, again.text
+
+
 def test_readiness_before_and_after_warmup(app_repository, monkeypatch):
     from app.core.loading import ModelLoader
 

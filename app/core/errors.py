@@ -71,6 +71,7 @@ class QueueFull(ServingError):
 
     def __init__(self, model: str, retry_after: int = 1):
         super().__init__(f"model '{model}' queue is full; retry later", retry_after=retry_after)
+        self.model = model
 
 
 class DeadlineExceeded(ServingError):

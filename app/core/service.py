@@ -232,6 +232,27 @@ class Service:
             self._preparing[id(entry)] = self._preparing.get(id(entry), 0) + admitted
         return admitted
 
+    def refuse_early(self, *, task: str | None = None, model: str | None = None) -> QueueFull | None:
+        """Admission at the request head, before the body is parsed: a QueueFull when every ready model serving
+        `task` (or the model named `model`) has no free queue slot (a request naming any of them would be refused
+        after parsing anyway), else None (the request is parsed and admitted item by item, `_admit`). Under
+        overload most requests are refused; parsing each refused body first (multipart, JSON, tensors) made a
+        refusal cost nearly what serving does, so the server could not even answer at the offered rate
+        (bench/overload.py)."""
+        full: ModelEntry | None = None
+        for entry in self.registry.entries.values():
+            batcher = entry.batcher
+            if ((task is not None and entry.task != task) or (model is not None and entry.name != model)
+                    or batcher is None or not self.registry.is_ready(entry)):
+                continue
+            if batcher.queue_size - batcher.depth - self._preparing.get(id(entry), 0) > 0:
+                return None
+            full = entry
+        if full is None:  # no ready model serves it: the usual path gives the reason
+            return None
+        self.metrics.rejections.labels(full.name, "queue_full").inc()
+        return QueueFull(full.name, retry_after=max(1, math.ceil(full.batcher.max_delay_s * 2)))  # type: ignore[union-attr]
+
     def _release(self, entry: ModelEntry, admitted: int) -> None:
         if admitted:
             left = self._preparing.get(id(entry), 0) - admitted
