@@ -53,7 +53,7 @@ class Part:
     min_s: float  # what the parts before it must leave it
     critical: bool = False  # its failure makes the exit status non-zero (the CUDA tests)
     skip: str | None = None  # why it does not run (decided when the plan is made)
-    budget_flag: str | None = None  # an option of `command` that takes the part's minutes (the bench's --max-minutes)
+    budget_flag: str | None = None  # an option of `command` that takes the part's time (see command_for)
 
 
 @dataclass
@@ -82,7 +82,7 @@ def plan(gpus: int) -> list[Part]:
         bench += ["--client-cpus", "0-3", "--server-cpus", f"4-{cpus - 1}"]
     parts = [
         Part("install", "CUDA libraries for onnxruntime-gpu and the CUDA build of torch, where missing",
-             [py, str(Path(__file__).resolve()), "--install-only"], cap_s=150, min_s=0),
+             [py, str(Path(__file__).resolve()), "--install-only"], cap_s=150, min_s=0, budget_flag="--budget-s"),
         Part("cuda-tests", "pytest -m cuda (tests/test_gpu.py)",
              [py, "-m", "pytest", "-m", "cuda", "tests/test_gpu.py", "-q", "-rs", "-p", "no:cacheprovider"],
              cap_s=120, min_s=60, critical=True),
@@ -105,8 +105,10 @@ def budget(parts: list[Part], index: int, left_s: float) -> float:
 
 
 def command_for(part: Part, budget_s: float) -> list[str]:
-    if part.budget_flag:  # the bench stops starting new points in time to write its report
+    if part.budget_flag == "--max-minutes":  # the bench stops starting new points in time to write its report
         return part.command + [part.budget_flag, f"{max(0.5, (budget_s - 45) / 60):.1f}"]
+    if part.budget_flag:  # seconds
+        return part.command + [part.budget_flag, f"{budget_s:.0f}"]
     return part.command
 
 
@@ -229,36 +231,49 @@ print(s.get_providers()[0]); assert s.get_providers()[0] == "CUDAExecutionProvid
 TORCH_PROBE = "import torch; print(torch.__version__, torch.version.cuda); assert torch.cuda.is_available()"
 
 
-def pip(*args: str) -> list[str]:
-    return [python(), "-m", "pip", "install", "--disable-pip-version-check", "--retries", "1", "--timeout", "30",
-            *args, *shlex.split(os.environ.get("GPU_CHECK_PIP_ARGS", ""))]
+WHEELS = LOGS / "wheels"  # downloads kept between runs: a re-run after a time-out installs without downloading
+INSTALL_RESERVE_S = 60  # an install step (not a download) starts only with this much of the part's time left
 
 
-def install_commands() -> list[tuple[str, str, list[list[str]]]]:
-    """(what, probe code, pip commands when the probe fails)."""
+def pip(verb: str, *args: str) -> list[str]:
+    extra = shlex.split(os.environ.get("GPU_CHECK_PIP_ARGS", ""))
+    return [python(), "-m", "pip", verb, "--disable-pip-version-check", "--retries", "1", "--timeout", "30", *args,
+            *extra]
+
+
+def install_commands() -> list[tuple[str, str, list[tuple[str, list[str]]]]]:
+    """(what, probe code, [(download | install, pip command)] to run when the probe fails). Downloads go to WHEELS
+    first: stopping one at the time box harms nothing, whereas a `pip install` cut in the middle of replacing a
+    package could leave it broken; install steps therefore only start with INSTALL_RESERVE_S left."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        ort_version = version("onnxruntime-gpu")
-    except PackageNotFoundError:
-        ort_version = None
-    try:
-        torch_version = version("torch").split("+")[0]
-    except PackageNotFoundError:
-        torch_version = None
-    steps = []
-    ort_spec = f"onnxruntime-gpu[cuda,cudnn]=={ort_version}" if ort_version else "onnxruntime-gpu[cuda,cudnn]"
-    steps.append(("onnxruntime CUDA provider", ORT_PROBE, [pip(ort_spec)]))
-    torch_spec = f"torch=={torch_version}" if torch_version else "torch"
-    # first the wheel alone (the CPU build's 2.13.0+cpu satisfies ==2.13.0, hence --force-reinstall; a failed
-    # download leaves the installed build in place), then its dependencies (the nvidia-* CUDA libraries)
-    steps.append(("torch with CUDA", TORCH_PROBE, [pip("--force-reinstall", "--no-deps", torch_spec), pip(torch_spec)]))
-    return steps
+    def installed(name: str) -> str | None:
+        try:
+            return version(name).split("+")[0]
+        except PackageNotFoundError:
+            return None
+
+    ort, torch = installed("onnxruntime-gpu"), installed("torch")
+    local = ["--no-index", "--find-links", str(WHEELS)]
+    ort_spec = f"onnxruntime-gpu[cuda,cudnn]=={ort}" if ort else "onnxruntime-gpu[cuda,cudnn]"
+    torch_spec = f"torch=={torch}" if torch else "torch"
+    return [
+        ("onnxruntime CUDA provider", ORT_PROBE,
+         [("download", pip("download", "-d", str(WHEELS), ort_spec)), ("install", pip("install", *local, ort_spec))]),
+        # the CPU build's 2.13.0+cpu satisfies ==2.13.0, hence --force-reinstall of the wheel alone; then its
+        # dependencies (the nvidia-* CUDA libraries), which only add packages
+        ("torch with CUDA", TORCH_PROBE,
+         [("download", pip("download", "--no-deps", "-d", str(WHEELS), torch_spec)),
+          ("install", pip("install", "--force-reinstall", "--no-deps", *local, torch_spec)),
+          ("install", pip("install", torch_spec))]),
+    ]
 
 
-def install() -> int:
+def install(budget_s: float) -> int:
     """The install part (`--install-only`): probe, install what is missing, probe again. Exit 1 when something is
     still missing (the later parts run regardless and show what works)."""
+    deadline = time.monotonic() + budget_s
+    WHEELS.mkdir(parents=True, exist_ok=True)
     missing = []
     for what, probe, commands in install_commands():
         ok, out = _probe(probe)
@@ -266,7 +281,11 @@ def install() -> int:
             print(f"install: {what}: already works ({out})")
             continue
         print(f"install: {what}: not usable yet; installing")
-        for cmd in commands:
+        for kind, cmd in commands:
+            if kind == "install" and deadline - time.monotonic() < INSTALL_RESERVE_S:
+                print(f"install: {what}: too little time left to install safely; re-run make gpu-check (downloads "
+                      f"are kept in {WHEELS})")
+                break
             print("$ " + shlex.join(cmd), flush=True)
             if subprocess.run(cmd, cwd=ROOT).returncode != 0:
                 print(f"install: {what}: pip failed")
@@ -275,6 +294,11 @@ def install() -> int:
         print(f"install: {what}: {'works now' if ok else 'STILL NOT USABLE'} ({out})")
         if not ok:
             missing.append(what)
+    ok, out = _probe("import torch, onnxruntime.capi.build_and_package_info as b; print(torch.version.cuda, b.cuda_version)")
+    if ok and out.split()[0] != "None" and out.split()[0].split(".")[0] != out.split()[-1].split(".")[0]:
+        print(f"install: WARNING: torch is built for CUDA {out.split()[0]} and onnxruntime-gpu for CUDA "
+              f"{out.split()[-1]}: they may load conflicting CUDA libraries into one process (set GPU_CHECK_PIP_ARGS "
+              "to an index with a matching torch build)")
     if missing:
         print("install: not usable: " + ", ".join(missing))
     return 1 if missing else 0
@@ -307,7 +331,7 @@ def print_plan(parts: list[Part], gpus: int) -> None:
         print(f"     $ {shlex.join(command_for(part, b))}")
         if part.name == "install":
             for what, _, commands in install_commands():
-                for cmd in commands:
+                for _, cmd in commands:
                     print(f"       if {what} is missing: $ {shlex.join(cmd)}")
         left -= 0 if part.skip else b
     print(f"  then: {RESULTS / 'gpu.md'} and gpu.json get each part's result and seconds "
@@ -318,9 +342,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="print the plan and its commands; run nothing")
     ap.add_argument("--install-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--budget-s", type=float, default=150.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.install_only:
-        return install()
+        return install(args.budget_s)
     gpus = gpu_count()
     if args.dry_run:
         print_plan(plan(gpus), gpus)
