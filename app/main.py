@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.errors import ServingError
 from app.core.loading import LoadOptions
+from app.core.memory import trim_when_idle
 from app.core.model_control import ModelControl
 from app.core.registry import Registry
 from app.core.service import Service
@@ -96,10 +97,12 @@ def create_app(settings: Settings | None = None, engine_path: str | None = None)
             await grpc_server.start()
         app.state.grpc = grpc_server
         loader = asyncio.create_task(registry.load_all(), name="model-loader")
+        trimmer = asyncio.create_task(trim_when_idle(lambda: (service.inflight, service.answered)), name="memory-trim")
         try:
             yield
         finally:
             log.info("shutting down: draining in-flight requests and batches")
+            trimmer.cancel()
             registry.draining = True
             if grpc_server is not None:  # no new RPCs; running ones are answered
                 await grpc_server.stop(settings.shutdown_timeout_s)

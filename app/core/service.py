@@ -61,6 +61,7 @@ class Service:
         self.unhealthy_after_timeouts = unhealthy_after_timeouts
         self.pool: LoopWorkers | None = None
         self.inflight = 0
+        self.answered = 0  # requests answered since start (whatever their status)
         self._idle = asyncio.Event()
         self._preparing: dict[int, int] = {}  # id(entry) -> items admitted and being preprocessed, not yet queued
         # MMSERVE_WORKERS > 1: the statistics extension's totals over every process (None: this process's own)
@@ -112,6 +113,7 @@ class Service:
             yield call
         finally:
             self.inflight -= 1
+            self.answered += 1
             if self.inflight == 0:
                 self._idle.set()
             inflight.dec()
