@@ -74,13 +74,13 @@ async def _supervise(settings: Settings, listener: socket.socket, engine_path: s
     registry = build_registry(settings, Metrics())
     engine = Engine(registry, engine_path)
     await engine.start()
-    fd = listener.fileno()
+    fd, port = listener.fileno(), listener.getsockname()[1]
     procs = [await asyncio.create_subprocess_exec(
         sys.executable, "-m", "app.frontend", "--fd", str(fd), "--engine", engine_path, "--index", str(i),
         pass_fds=(fd,), env=env) for i in range(settings.workers)]
     listener.close()  # the front-ends hold it now: once they have all closed theirs, connections are refused
     log.info("engine pid %d serving %s:%d through %d front-end process(es): %s", os.getpid(), settings.host,
-             settings.port, len(procs), ", ".join(str(p.pid) for p in procs))
+             port, len(procs), ", ".join(str(p.pid) for p in procs))
     stopping = False
     deadline = float("inf")
 

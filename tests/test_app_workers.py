@@ -38,7 +38,7 @@ def workers(app_repository):  # noqa: F811
     s = Server(app_repository, delay_ms=DELAY_MS, workers=2, max_batch_size=32, max_delay_ms=DELAY_MS,
                request_timeout_s=20, grpc_port=port)
     s.grpc_port = port
-    yield s
+    yield all_ready(s)
     s.stop()
 
 
@@ -70,7 +70,7 @@ def connections_per_frontend(server: Server, n: int) -> dict[int, list[http.clie
     end = time.monotonic() + 20
     while any(len(v) < n for v in held.values()):
         assert time.monotonic() < end, {pid: len(v) for pid, v in held.items()}
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
         conn.connect()
         port = conn.sock.getsockname()[1]
         pid = None
@@ -85,6 +85,27 @@ def connections_per_frontend(server: Server, n: int) -> dict[int, list[http.clie
         else:
             conn.close()
     return held
+
+
+def all_ready(server: Server) -> Server:
+    """Wait until each front-end (asked on a connection it holds) answers /readyz 200: the server's own start-up
+    check reached one of them."""
+    end = time.monotonic() + 60
+    for pid, conns in connections_per_frontend(server, 1).items():
+        conn = conns[0]
+        while True:
+            try:
+                conn.request("GET", "/readyz")
+                r = conn.getresponse()
+                r.read()
+            except TimeoutError:
+                raise AssertionError(f"front-end {pid} did not answer /readyz:\n{server.logs()}") from None
+            if r.status == 200:
+                break
+            assert time.monotonic() < end, server.logs()
+            time.sleep(0.05)
+        conn.close()
+    return server
 
 
 def post_json(conn: http.client.HTTPConnection, path: str, body: dict, out: list, i: int) -> None:
@@ -210,8 +231,8 @@ def test_deadline_gives_504(workers):
 
 
 def test_queue_full_then_sigterm_under_load(app_repository):  # noqa: F811
-    s = Server(app_repository, delay_ms=DELAY_MS, workers=2, max_batch_size=2, queue_size=2, max_delay_ms=1,
-               drain_period_s=1.0)
+    s = all_ready(Server(app_repository, delay_ms=DELAY_MS, workers=2, max_batch_size=2, queue_size=2,
+                         max_delay_ms=1, drain_period_s=1.0))
     try:
         procs = frontends(s)
         assert len(procs) == 2
@@ -263,7 +284,7 @@ def gone(procs: list[psutil.Process], timeout: float = 15) -> bool:
 
 
 def test_engine_dying_answers_503_and_frontends_exit(app_repository):  # noqa: F811
-    s = Server(app_repository, workers=2, max_batch_size=4, drain_period_s=2.0)
+    s = all_ready(Server(app_repository, workers=2, max_batch_size=4, drain_period_s=2.0))
     try:
         procs = frontends(s)
         private = Path(procs[0].cmdline()[procs[0].cmdline().index("--engine") + 1]).parent
@@ -280,7 +301,7 @@ def test_engine_dying_answers_503_and_frontends_exit(app_repository):  # noqa: F
 
 
 def test_frontend_dying_shuts_the_server_down(app_repository):  # noqa: F811
-    s = Server(app_repository, workers=2, max_batch_size=4)
+    s = all_ready(Server(app_repository, workers=2, max_batch_size=4))
     try:
         procs = frontends(s)
         procs[0].kill()
@@ -303,3 +324,48 @@ def test_model_control_is_refused_with_workers(app_repository):  # noqa: F811
     r = subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "MMSERVE_WORKERS=2" in r.stderr and "MMSERVE_MODEL_CONTROL=explicit" in r.stderr
+
+
+def test_ipc_frames_carry_arrays_and_errors_across_a_socket():
+    """The engine's frames over a real socket pair: arrays arrive equal (raw bytes, not in the pickle), and every
+    core error comes back as its own class with its code, message and retry-after."""
+    import socket
+
+    from app.core import errors, ipc
+    from app.core.batcher import Prepared
+    from models.preprocessing import Features
+
+    features = Features(input_ids=np.arange(7, dtype=np.int64), attention_mask=np.ones(7, np.int64),
+                        pixel_values=np.random.default_rng(0).normal(size=(3, 32, 32)).astype(np.float32))
+    sent = [errors.QueueFull("m", retry_after=3), errors.DeadlineExceeded(), errors.InferenceFailed(),
+            errors.NotReady("gone"), errors.MediaRejected("undecodable_media", "bad png"), ValueError("a bug")]
+
+    async def scenario():
+        a, b = socket.socketpair()
+        reader, a_writer = await asyncio.open_connection(sock=a)  # (each writer kept: its end stays open)
+        b_reader, writer = await asyncio.open_connection(sock=b)
+        ipc.send(writer, ("submit", "m", 1, [(1, Prepared(features, 7), 123.5, "rid")]))
+        for err in sent:
+            ipc.send(writer, ("error", 2, ipc.error_out(err), ("m", 0, False, 0.0)))
+        await writer.drain()
+        got = [await ipc.receive(reader) for _ in range(1 + len(sent))]
+        writer.close()
+        with pytest.raises(asyncio.IncompleteReadError):  # the other end has gone
+            await ipc.receive(reader)
+        a_writer.close()
+        return got
+
+    got = asyncio.run(scenario())
+    [(rid, prepared, deadline, request_id)] = got[0][3]
+    assert (rid, prepared.length, deadline, request_id) == (1, 7, 123.5, "rid")
+    for name in ("input_ids", "attention_mask", "pixel_values"):
+        want, have = getattr(features, name), getattr(prepared.features, name)
+        assert have.dtype == want.dtype and np.array_equal(have, want)
+    assert len(ipc.encode(("x", features.pixel_values))[1]) < 200  # the array travels out of band
+    for err, message in zip(sent, got[1:]):
+        back = ipc.error_in(message[2])
+        if isinstance(err, errors.ServingError):
+            assert type(back) is type(err) and (back.code, back.message, back.retry_after) == \
+                (err.code, err.message, err.retry_after)
+        else:  # anything else is an internal error, as in one process
+            assert type(back) is errors.InternalError and back.code == "internal_error"

@@ -114,12 +114,13 @@ class EngineClient:
 
     async def connect(self) -> None:
         end = time.monotonic() + CONNECT_S
+        parent = os.getppid()  # the engine started this process: once it has gone, there is nothing to wait for
         while True:
             try:
                 reader, self._writer = await asyncio.open_unix_connection(self.path, limit=1 << 20)
                 break
             except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > end:
+                if time.monotonic() > end or os.getppid() != parent:
                     raise
                 await asyncio.sleep(0.05)
         self.connected = True
@@ -237,6 +238,15 @@ class FrontRegistry(Registry):
 
     def scan(self) -> list[ModelEntry]:
         return []  # the engine scans; its entries arrive with its first snapshot
+
+    def choose(self, task: str, name: str | None) -> ModelEntry:
+        """As `Registry.choose`, once the engine's models are known; before (start-up) or after losing the engine,
+        NotReady (503), never "no such model"."""
+        if not self.client.first_state.is_set():
+            raise NotReady("the models are loading")
+        if not self.client.connected:
+            raise NotReady("the engine process is gone")
+        return super().choose(task, name)
 
     async def load_all(self) -> None:
         """Connect to the engine and take its first snapshot (models' preprocessing loaded)."""
