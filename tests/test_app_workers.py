@@ -89,22 +89,26 @@ def connections_per_frontend(server: Server, n: int) -> dict[int, list[http.clie
 
 def all_ready(server: Server) -> Server:
     """Wait until each front-end (asked on a connection it holds) answers /readyz 200: the server's own start-up
-    check reached one of them."""
-    end = time.monotonic() + 60
-    for pid, conns in connections_per_frontend(server, 1).items():
-        conn = conns[0]
-        while True:
-            try:
-                conn.request("GET", "/readyz")
-                r = conn.getresponse()
-                r.read()
-            except TimeoutError:
-                raise AssertionError(f"front-end {pid} did not answer /readyz:\n{server.logs()}") from None
-            if r.status == 200:
-                break
-            assert time.monotonic() < end, server.logs()
-            time.sleep(0.05)
-        conn.close()
+    check reached one of them. A server that never gets there is stopped (no process left behind)."""
+    try:
+        end = time.monotonic() + 60
+        for pid, conns in connections_per_frontend(server, 1).items():
+            conn = conns[0]
+            while True:
+                try:
+                    conn.request("GET", "/readyz")
+                    r = conn.getresponse()
+                    r.read()
+                except TimeoutError:
+                    raise AssertionError(f"front-end {pid} did not answer /readyz:\n{server.logs()}") from None
+                if r.status == 200:
+                    break
+                assert time.monotonic() < end, server.logs()
+                time.sleep(0.05)
+            conn.close()
+    except BaseException:
+        server.stop()
+        raise
     return server
 
 
