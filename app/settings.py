@@ -42,7 +42,10 @@ class Settings(BaseSettings):
         "onnx", description="Runtime: onnxruntime (`model.onnx`) or TorchScript (`model.pt`, imports torch)."
     )
     intra_op_threads: int = Field(
-        0, ge=0, description="Threads inside one operator (onnxruntime / torch). 0 = runtime default (one per core)."
+        0,
+        ge=0,
+        description="Threads inside one operator (onnxruntime / torch). 0 = runtime default (one per core); with "
+        "WORKERS > 1, 0 means the cores left to the engine after the front-ends (at least 1).",
     )
     inter_op_threads: int = Field(1, ge=0, description="Threads across independent operators. 0 = runtime default.")
     allow_spinning: bool = Field(

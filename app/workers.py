@@ -45,6 +45,11 @@ def check(settings: Settings) -> None:
 def run_workers(settings: Settings, overrides: dict[str, Any]) -> int:
     """Serve until SIGTERM; the exit code (0: a clean shutdown)."""
     check(settings)
+    if settings.intra_op_threads == 0:  # one runtime thread per core would fight the front-ends for every core
+        cores = len(os.sched_getaffinity(0))
+        settings = settings.model_copy(update={"intra_op_threads": max(1, cores - settings.workers)})
+        log.info("INTRA_OP_THREADS=0 with WORKERS=%d on %d core(s): the engine's runtimes use %d thread(s)",
+                 settings.workers, cores, settings.intra_op_threads)
     private = Path(tempfile.mkdtemp(prefix="mmserve-workers-"))  # 0700
     try:
         metrics_dir = private / "metrics"

@@ -288,8 +288,11 @@ def gone(procs: list[psutil.Process], timeout: float = 15) -> bool:
 
 
 def test_engine_dying_answers_503_and_frontends_exit(app_repository):  # noqa: F811
-    s = all_ready(Server(app_repository, workers=2, max_batch_size=4, drain_period_s=2.0))
+    s = all_ready(Server(app_repository, workers=2, max_batch_size=4, drain_period_s=2.0, intra_op_threads=0))
     try:
+        cores = len(psutil.Process(s.proc.pid).cpu_affinity())
+        assert (f"INTRA_OP_THREADS=0 with WORKERS=2 on {cores} core(s): the engine's runtimes use "
+                f"{max(1, cores - 2)} thread(s)") in s.logs()
         procs = frontends(s)
         private = Path(procs[0].cmdline()[procs[0].cmdline().index("--engine") + 1]).parent
         s.proc.kill()  # the engine process, with its models (it cannot remove its private directory)
