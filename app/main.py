@@ -75,7 +75,7 @@ def build_service(s: Settings, metrics: Metrics, engine_path: str | None = None)
     return service
 
 
-def create_app(settings: Settings | None = None, engine_path: str | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine_path: str | None = None) -> ServingApp:
     """`engine_path`: the app of one front-end process of MMSERVE_WORKERS > 1 (`app/frontend.py`)."""
     settings = settings or Settings()
     metrics = Metrics()
@@ -113,7 +113,7 @@ def create_app(settings: Settings | None = None, engine_path: str | None = None)
             log.info("shutdown complete")
 
     from app import __version__
-    app = FastAPI(title="mmserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = ServingApp(title="mmserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.service = service
 
     from app import rest, v2
@@ -146,15 +146,38 @@ def create_app(settings: Settings | None = None, engine_path: str | None = None)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
 
-    # outermost first: request id / catch-all -> API keys -> body limit -> the /v1 task fast path -> routes
-    app.add_middleware(rest.TaskFastPath, routes=rest.fast_routes(service, max_upload_bytes=settings.max_upload_bytes,
-                                                                 max_batch_items=settings.max_batch_items))
+    # outermost first: request id / catch-all -> API keys -> body limit -> routes
+    def ours(inner: Any) -> Any:
+        return RequestContextMiddleware(ApiKeyMiddleware(BodyLimitMiddleware(
+            inner, limit=settings.max_upload_bytes, linger_bytes=settings.linger_bytes, linger_s=settings.linger_s),
+            keys=settings.api_keys))
+
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes, linger_bytes=settings.linger_bytes,
                        linger_s=settings.linger_s)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(v2.V2ErrorShape)  # outermost: every /v2 error answer in the v2 shape
+    # POST /v1/{task} in front of FastAPI, behind the same middlewares of ours (rest.TaskFastPath)
+    fast = rest.TaskFastPath(rest.fast_routes(service, max_upload_bytes=settings.max_upload_bytes,
+                                              max_batch_items=settings.max_batch_items))
+    app.fast_paths, app.fast_app = fast.paths, ours(fast)
     return app
+
+
+class ServingApp(FastAPI):
+    """FastAPI, with the /v1 task fast path (`rest.TaskFastPath`, `fast_paths`) answered before its middleware
+    stack: by `fast_app`, the fast path behind the same middlewares of ours as every route."""
+
+    fast_paths: frozenset[str] = frozenset()
+    fast_app: Any = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if (scope["type"] == "http" and scope["path"] in self.fast_paths and scope["method"] == "POST"
+                and not scope.get("root_path") and not self.root_path):
+            scope["app"] = self
+            await self.fast_app(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def __getattr__(name: str) -> Any:  # `uvicorn app.main:app` builds the app from the environment on first use

@@ -245,28 +245,24 @@ async def discard_body(request: Request) -> None:
 
 
 class TaskFastPath:
-    """`POST /v1/{task}` (the single-record form) straight to its handler.
+    """`POST /v1/{task}` (the single-record form) answered in front of FastAPI (`ServingApp` in app/main.py).
 
-    Installed as the innermost of the app's middlewares: request ids, the access log, API keys and the body limit
-    stay in front of it exactly as for every route, and it answers with the same handler the route has. What it
-    skips is FastAPI's part of the way, for these routes only: the exception middleware, the router's walk over every
-    route, and the route's request/response and endpoint wrappers (a profile of a served request put that at about a
-    sixth of the event loop's CPU). The handler catches the core's and the API's errors itself (as on the route);
-    anything else escapes to the request-context middleware's generic 500 (as on the route, where no handler is
-    registered for it). Every other request, and any request with a root_path, goes on to FastAPI."""
+    The app's own middlewares (request id, access log and last-resort 500; API keys; body limit) wrap this exactly as
+    they wrap every route, and it answers with the same handler the route has. What it skips is FastAPI's part of
+    the way, for these routes only: its error, telemetry and body-limit middlewares, the v2 error shape (never
+    applies to /v1), the exception middleware, the router's walk over every route, and the route's request/response
+    and endpoint wrappers. Profiles of a served request put FastAPI's part at about a sixth of the event loop's CPU,
+    and of a refused one (an overloaded server, `Service.refuse_early`) at about a fifth. The handler catches the
+    core's and the API's errors itself (as on the route); anything else escapes to the request-context middleware's
+    generic 500 (as on the route, where no handler is registered for it)."""
 
-    def __init__(self, app: Any, routes: dict[str, Callable[[Request], Coroutine[Any, Any, Response]]]):
-        self.app = app
+    def __init__(self, routes: dict[str, Callable[[Request], Coroutine[Any, Any, Response]]]):
         self.routes = routes
+        self.paths = frozenset(routes)
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
-            handler = self.routes.get(scope["path"])
-            if handler is not None:
-                response = await handler(Request(scope, receive, send))
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        response = await self.routes[scope["path"]](Request(scope, receive, send))
+        await response(scope, receive, send)
 
 
 def fast_routes(service: Service, *, max_upload_bytes: int, max_batch_items: int
