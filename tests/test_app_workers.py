@@ -22,7 +22,7 @@ import psutil
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.fixtures_app import app_repository  # noqa: F401 (fixture)
+from tests.fixtures_app import app_repository, broken_repository  # noqa: F401 (fixtures)
 from tests.media import audio_bytes, image_bytes
 from tests.test_app_api import make_client, wait_ready
 from tests.test_app_live import Server, free_port
@@ -285,6 +285,29 @@ def gone(procs: list[psutil.Process], timeout: float = 15) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_a_failed_model_is_shown_by_every_frontend(broken_repository):  # noqa: F811
+    s = all_ready(Server(broken_repository, workers=2, max_batch_size=4))
+    try:
+        for pid, conns in connections_per_frontend(s, 1).items():  # each front-end, asked on its own connection
+            conn = conns[0]
+            conn.request("GET", "/readyz")
+            r = conn.getresponse()
+            body = json.loads(r.read())
+            assert r.status == 200 and body["models"] == {"tiny-classify": "ready", "tiny-ner": "failed"}, pid
+            assert "sha256 mismatch" in body["failed"]["tiny-ner"]
+            out: list = [None]
+            post_json(conn, "/v1/ner", {"text": "Alice"}, out, 0)
+            assert out[0][0] == 503 and out[0][2]["error"]["code"] == "model_failed"
+            conn.request("GET", "/v1/models")
+            models = {m["name"]: m for m in json.loads(conn.getresponse().read())["models"]}
+            assert models["tiny-ner"]["state"] == "failed" and "sha256" in models["tiny-ner"]["reason"]
+            assert models["tiny-ner"]["task"] == "ner"
+            conn.close()
+        assert 'state="failed"' in httpx.get(s.url + "/metrics").text
+    finally:
+        s.stop()
 
 
 def test_engine_dying_answers_503_and_frontends_exit(app_repository):  # noqa: F811
