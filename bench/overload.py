@@ -332,20 +332,25 @@ def markdown(report: dict) -> str:
                 f"- Client-side errors: overload {o['errors'] or '{}'}; SIGTERM {sg['errors'] or '{}'}"
                 + (f"; SIGTERM, fresh connections {sf['errors'] or '{}'}" if sf else "") + ".", ""]
     out += ["## Reading it", "",
-            "- A workload bound by the HTTP layer (tiny: one core parses, routes and answers every request, the model "
-            "costs little) cannot be refused much faster than it is served: when requests arrive faster than the "
-            "server can even answer 503, the excess waits in the client's pool (`unsent`) and the latency counted "
-            "from the due time grows with the run; the server's side (counted from the write) is what QUEUE_SIZE and "
-            "REQUEST_TIMEOUT_S bound.",
-            "- A workload bound by the model (demo) is refused cheaply next to inference, so the server can answer at "
-            "the offered rate and the admitted requests' p99 is bounded by QUEUE_SIZE and REQUEST_TIMEOUT_S. Refusals "
-            "are not free: the server still receives and parses each refused multipart body, so fewer requests a "
-            "second are served under overload than at the sustainable rate.",
-            "- Fixes these runs led to: admission before preprocessing (app/core/service.py: refused requests used to "
-            "be decoded first, and the preprocessing pool's queue grew past every deadline: hundreds hung at 5x on the "
-            "demo model) and accepting in bursts (app/server.py: uvloop accepts one connection per loop iteration, so "
-            "under overload new connections waited in the kernel's accept queue with their requests sent: hundreds "
-            "hung at 5x on the tiny model, all first requests on new connections).", ""]
+            "- A refused request costs the server its HTTP handling only: with every model of its task full it is "
+            "answered 503 at its head, its body read and dropped unparsed (`Service.refuse_early`). A workload bound by "
+            "the model (demo) is then refused cheaply next to inference: the server answers at the offered rate and "
+            "the admitted requests' p99 is bounded by QUEUE_SIZE and REQUEST_TIMEOUT_S.",
+            "- A workload bound by the HTTP layer (tiny: a 60-byte request the model answers in microseconds) costs "
+            "nearly as much to refuse as to serve. When requests arrive faster than one core can even answer 503, the "
+            "excess waits in the client's pool (`unsent`), the latency counted from the due time grows with the run, "
+            "and the server's side (counted from the write) is what QUEUE_SIZE and REQUEST_TIMEOUT_S bound. The 200s "
+            "a second fall far below the sustainable rate: every event-loop iteration then reads and refuses a "
+            "request from each of the ~1,000 busy connections, and an admitted request needs several iterations "
+            "(preprocessing, batch, answer), so QUEUE_SIZE admitted requests take about a second to go through. "
+            "More cores for the HTTP layer (MMSERVE_WORKERS) or a proxy in front that sheds load are the ways out.",
+            "- Fixes these runs led to: admission before preprocessing, then at the request head (app/core/service.py: "
+            "refused requests used to be decoded first, and the preprocessing pool's queue grew past every deadline: "
+            "hundreds hung at 5x on the demo model); accepting in bursts (app/server.py: uvloop accepts one "
+            "connection per loop iteration, so under overload new connections waited in the kernel's accept queue "
+            "with their requests sent: hundreds hung at 5x on the tiny model, all first requests on new "
+            "connections); freed heap handed back to the OS once idle (app/core/memory.py: the RSS after a burst had "
+            "stayed at its high-water mark).", ""]
     return "\n".join(out)
 
 
