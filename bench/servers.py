@@ -268,11 +268,11 @@ def mmserve(repository: Path, *, name: str, max_batch_size: int | str, threads: 
 
 
 def litserve(version_dir: Path, *, max_batch_size: int, batch_timeout: float, threads: int, cpus: set[int] | None,
-             device: str, log_dir: Path, name: str = "litserve") -> Server:
+             device: str, log_dir: Path, name: str = "litserve", backend: str = "onnx") -> Server:
     port = free_port()
     argv = [sys.executable, str(BENCH_DIR / "peer_litserve.py"), str(version_dir), "--port", str(port),
             "--max-batch-size", str(max_batch_size), "--batch-timeout", str(batch_timeout),
-            "--threads", str(threads), "--device", device]
+            "--threads", str(threads), "--device", device] + (["--backend", backend] if backend != "onnx" else [])
     s = Server(name, argv, _base_env(), "/health", "/predict", cpus, log_dir / f"{name}.log", port)
     s.notes = {"max_batch_size": max_batch_size, "batch_timeout_s": batch_timeout, "threads": threads}
     return s

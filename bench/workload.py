@@ -85,16 +85,19 @@ def demo_data(log=print) -> Path:
     return out
 
 
-def tiny_model(rebuild: bool = False, log=print) -> Path:
-    """Version directory of the tiny classify model: demo data -> train (tiny encoders) -> export (ONNX)."""
+def tiny_model(rebuild: bool = False, log=print, formats: tuple[str, ...] = ("onnx",)) -> Path:
+    """Version directory of the tiny classify model: demo data -> train (tiny encoders) -> export (`formats`:
+    ONNX, and TorchScript for --backend torchscript)."""
     repo = CACHE / "tiny-repo"
     found = None if rebuild else _latest_version(repo / "tiny-classify")
     if found is not None:
         from models.manifest import read_manifest
 
         try:  # a cached model from an older code version whose manifest no longer validates is rebuilt
-            read_manifest(found)
-            return found
+            missing = set(formats) - set(read_manifest(found).formats)
+            if not missing:
+                return found
+            log(f"bench: cached tiny model at {found} has no {sorted(missing)} export; rebuilding")
         except Exception as exc:  # noqa: BLE001 - any unreadable manifest means "stale cache"
             log(f"bench: cached tiny model at {found} is stale ({type(exc).__name__}); rebuilding")
     data = demo_data(log)
@@ -109,8 +112,8 @@ def tiny_model(rebuild: bool = False, log=print) -> Path:
         shutil.rmtree(repo)
     log("bench: training the tiny model (tiny text/image/audio encoders, 1 epoch)")
     train(TrainConfig(task="classify", data=str(data / "classify"), output=str(run_dir), **TINY_TRAIN))
-    log("bench: exporting the tiny model to ONNX")
-    return export(run_dir, repo, "tiny-classify", formats=["onnx"], max_batch_size=64, log=log)
+    log(f"bench: exporting the tiny model ({', '.join(formats)})")
+    return export(run_dir, repo, "tiny-classify", formats=list(formats), max_batch_size=64, log=log)
 
 
 def demo_model(repo: Path | None) -> tuple[Path | None, str]:
@@ -168,14 +171,21 @@ def build_requests(wl: Workload, count: int, log=print) -> None:
         wl.items.append(item)
 
 
-def resolve(names: list[str], *, demo_repo: Path | None, rebuild: bool, log=print) -> tuple[list[Workload], list[str]]:
+def resolve(names: list[str], *, demo_repo: Path | None, rebuild: bool, log=print,
+            backend: str = "onnx") -> tuple[list[Workload], list[str]]:
     workloads, skipped = [], []
+    formats = ("onnx",) if backend == "onnx" else ("onnx", backend)  # ONNX too: the export proves parity on it
     for name in names:
         if name == "tiny":
-            workloads.append(Workload("tiny", "tiny-classify", tiny_model(rebuild, log),
+            workloads.append(Workload("tiny", "tiny-classify", tiny_model(rebuild, log, formats),
                                       note="tiny encoders, text 32 tokens, 32x32 image, 1 s audio, hidden 32"))
         elif name == "demo":
             found, why = demo_model(demo_repo)
+            if found is not None and backend != "onnx":
+                from models.manifest import read_manifest
+
+                if backend not in read_manifest(found).formats:
+                    found, why = None, f"demo model at {found} has no {backend} export: skipping the demo workload"
             if found is None:
                 log(f"bench: {why}")
                 skipped.append(why)

@@ -19,16 +19,36 @@ always leaves the later parts their minimum); a part that fails or runs out of t
 Then bench/results/gpu.md (and gpu.json under "gpu_check") list each part's result and seconds and link the training
 report. Exit status: non-zero only when a CUDA test failed (or the CUDA tests could not finish). `--dry-run` prints
 the plan and its commands and touches nothing (with or without a GPU).
+
+`--device-image` (also chosen by itself where there is no .venv, python3's torch is a CUDA build and .whl/ holds
+the wheels of `make gpu-wheels`): the offline GPU machine of the `run` tool (docs/gpu-check.md). Nothing can be
+downloaded there, so the parts are
+  install     the carried wheels (.whl/plan.json) into --site (default /tmp/site) with `pip install --no-index
+              --no-deps --target`, then PYTHONPATH for every later part; checks the image's own packages against
+              what the carried ones need and imports the app once; its failure fails gpu-check
+  cuda-tests  `pytest -m cuda tests/test_gpu.py`: what runs without onnxruntime-gpu (TorchScript on CUDA, the
+              out-of-memory split through the fault hook on TorchScript, DEVICE=cuda refused without a device); the
+              ONNX CUDA provider tests are skipped, each with its reason (the image's onnxruntime is the CPU package
+              and onnxruntime-gpu's wheel is over what a call carries)
+  training    scripts/gpu_train_check.py (demo data, tiny encoders: nothing pretrained)
+  demo-model  skipped: its pretrained encoders' wheel (84 MB) cannot travel
+  bench       `python -m bench --device cuda --backend torchscript` on the tiny model (limit, mmserve with and
+              without batching, LitServe, all on TorchScript on the GPU)
+and the reports (gpu.md / gpu.json / gpu.png, gpu-train.md / .json, the logs as gpu-check-logs.tar.gz) are copied
+into --out (default $OUT, where the device hands files back).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +60,9 @@ RESULTS = ROOT / "bench" / "results"
 LOGS = ROOT / ".cache" / "gpu-check"
 TOTAL_S = 465.0  # 7 min 45 s for the parts; the report is written in the rest of the 8 minutes
 DEMO_MODEL = ROOT / "model_repository" / "demo-classify"
+WHEELS_DIR = ROOT / ".whl"  # make gpu-wheels
+SITE = Path("/tmp/site")  # where the device image gets the carried wheels
+BENCH_LOGS = ROOT / "bench" / ".cache" / "logs" / "gpu"  # python -m bench --name gpu
 
 
 @dataclass
@@ -153,16 +176,25 @@ def _kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def run_parts(parts: list[Part], total_s: float, log_dir: Path, say=print) -> list[Result]:
+def run_parts(parts: list[Part], total_s: float, log_dir: Path, say=print, after=None) -> list[Result]:
+    """Each part in turn within `total_s`. `after(part, result)` may return a reason to skip every later part (the
+    device image's install failed, say)."""
     start = time.monotonic()
     results = []
+    stop = None
     for i, part in enumerate(parts):
         b = budget(parts, i, total_s - (time.monotonic() - start))
+        if stop:
+            results.append(Result(part.name, "skipped", 0.0, round(b, 1), stop))
+            say(f"gpu-check: [{part.name}] skipped: {stop}", flush=True)
+            continue
         say(f"gpu-check: [{part.name}] {part.what} (up to {b:.0f} s)", flush=True)
         r = run_part(part, b, log_dir)
         say(f"gpu-check: [{part.name}] {r.status} in {r.seconds:.1f} s" + (f": {r.note}" if r.note else ""),
             flush=True)
         results.append(r)
+        if after is not None:
+            stop = after(part, r)
     return results
 
 
@@ -172,7 +204,7 @@ def exit_status(parts: list[Part], results: list[Result]) -> int:
 
 
 # ------------------------------------------------------------------------------------ report
-def report_markdown(results: list[Result], device: str, out_dir: Path) -> str:
+def report_markdown(results: list[Result], device: str, out_dir: Path, notes: list[str] | None = None) -> str:
     lines = [f"## GPU check (`make gpu-check`, {device})", "",
              "| part | result | seconds | time box s | note |", "|---|---|---|---|---|"]
     for r in results:
@@ -181,6 +213,8 @@ def report_markdown(results: list[Result], device: str, out_dir: Path) -> str:
               + ("[gpu-train.md](gpu-train.md)" if (out_dir / "gpu-train.md").is_file() else "no report (see above)")
               + ". Serving: the bench's tables above"
               + ("" if (out_dir / "gpu.json").is_file() else " (none: the bench did not finish)") + "."]
+    if notes:
+        lines += ["", "Not run, or run differently, here:", "", *[f"* {n}" for n in notes]]
     for r in results:
         if r.status in ("failed", "timeout") and r.tail:
             lines += ["", f"<details><summary>{r.name}: last lines of {Path(r.log or '').name}</summary>", "",
@@ -188,20 +222,20 @@ def report_markdown(results: list[Result], device: str, out_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(results: list[Result], device: str, out_dir: Path) -> None:
+def write_report(results: list[Result], device: str, out_dir: Path, notes: list[str] | None = None) -> None:
     """Add the parts to gpu.md / gpu.json when the bench wrote them in this run, else write them alone (an older
     gpu.md of another run is replaced, never mixed in)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md, js = out_dir / "gpu.md", out_dir / "gpu.json"
     bench = [r for r in results if r.name == "bench" and r.status != "skipped"]
     fresh = bool(bench) and md.is_file() and md.stat().st_mtime >= bench[0].started
-    section = report_markdown(results, device, out_dir)
+    section = report_markdown(results, device, out_dir, notes)
     if fresh:
         md.write_text(md.read_text().rstrip("\n") + "\n\n" + section)
     else:
         md.write_text(f"# GPU check\n\nNo serving benchmark from this run.\n\n{section}")
     data = json.loads(js.read_text()) if fresh and js.is_file() else {"name": "gpu", "workloads": []}
-    data["gpu_check"] = {"device": device, "parts": [asdict(r) for r in results]}
+    data["gpu_check"] = {"device": device, "parts": [asdict(r) for r in results], "notes": notes or []}
     js.write_text(json.dumps(data, indent=1) + "\n")
 
 
@@ -304,6 +338,200 @@ def install(budget_s: float) -> int:
     return 1 if missing else 0
 
 
+# ------------------------------------------------------------------------------------ the device image
+def _wheels():
+    from scripts import gpu_wheels  # packaging + stdlib: importable there before anything is installed
+
+    return gpu_wheels
+
+
+def torch_is_cuda_build() -> bool:
+    """From the metadata alone (importing torch takes seconds): a +cuXXX build or the CUDA runtime's wheel beside it."""
+    from importlib.metadata import PackageNotFoundError, distributions, version
+
+    try:
+        local = version("torch").partition("+")[2]
+    except PackageNotFoundError:
+        return False
+    if local.startswith("cu"):
+        return True
+    return not local and any((d.metadata["Name"] or "").lower().startswith("nvidia-cuda-runtime")
+                             for d in distributions())
+
+
+def device_image_checks(wheels: Path = WHEELS_DIR, root: Path = ROOT) -> dict[str, bool]:
+    return {"no .venv": not (root / ".venv").exists(),
+            "wheels in .whl (plan.json of make gpu-wheels)": (wheels / "plan.json").is_file(),
+            "python3 with a CUDA build of torch": torch_is_cuda_build()}
+
+
+def use_site(site: Path) -> None:
+    """The carried wheels' target first on the path, for this process (after the install) and every part."""
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT)] + (
+        [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    for p in (str(ROOT), str(site)):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+
+
+def _rel(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def device_wheels(wheels: Path, site: Path) -> tuple[list[dict], list[str], list[str]]:
+    """(wheels to install, a line per guard, the image's packages falling short) for this interpreter's image."""
+    gw = _wheels()
+    plan = gw.read_plan(wheels)
+    image = gw.installed_versions(exclude=site)
+    chosen, notes = gw.wheels_to_install(plan, image)
+    return chosen, notes, gw.expectation_problems(plan, image)
+
+
+DEVICE_SKIPS = {
+    "onnx-cuda": "ONNX on the CUDA provider (the provider and I/O binding, the real arena limit, the fault-hook split "
+                 "on ONNX): the image's onnxruntime is the CPU package, and onnxruntime-gpu's wheel is far over the "
+                 "64 MiB a device call carries",
+    "demo-model": "the demo model: its pretrained encoders come in an 84 MB wheel, over the 64 MiB a device call "
+                  "carries; the bench serves the tiny model only",
+    "onnx-bench": "the bench on ONNX: onnxruntime-gpu cannot travel; limit, mmserve and LitServe all run TorchScript "
+                  "on the GPU (--backend torchscript)",
+}
+IMPORT_PROBE = ("import app.main, app.grpc_server, tritonclient.grpc, soundfile, uvicorn, httptools, litserve, torch; "
+                "print('imports ok: torch', torch.__version__, 'cuda', torch.cuda.is_available(), "
+                "torch.cuda.device_count())")
+
+
+def install_wheels(wheels: Path, site: Path) -> int:
+    """The device image's install part (`--install-wheels`): the carried wheels into `site`, offline; then the
+    image's own packages against what the carried ones need (reported), and one import of the app with them."""
+    chosen, notes, short = device_wheels(wheels, site)
+    for line in notes:
+        print(f"install: {line}")
+    cmd = _wheels().install_command(python(), Path(_rel(wheels)), chosen, site)
+    print("$ " + shlex.join(cmd), flush=True)
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        print("install: pip could not install the carried wheels")
+        return 1
+    for line in short:
+        print(f"install: WARNING: {line}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    p = subprocess.run([python(), "-c", IMPORT_PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    print((p.stdout + p.stderr).strip())
+    if p.returncode != 0:
+        print("install: the app does not import with the carried wheels")
+        return 1
+    print(f"install: {len(chosen)} wheels in {site}")
+    return 0
+
+
+def device_plan(wheels: Path, site: Path, gpus: int | None) -> list[Part]:
+    py = python()
+    cpus = os.cpu_count() or 2
+    bench = [py, "-m", "bench", "--device", "cuda", "--backend", "torchscript", "--name", "gpu",
+             "--out-dir", str(RESULTS), "--workloads", "tiny", "--systems", "limit,mmserve,nobatch,litserve",
+             "--concurrency", "1,32,64", "--requests", "300",
+             "--note", "make gpu-check on the offline device image: TorchScript on CUDA, tiny model"]
+    if cpus >= 8:
+        bench += ["--client-cpus", "0-3", "--server-cpus", f"4-{cpus - 1}"]
+    return [
+        Part("install", f"the carried wheels ({_rel(wheels)}) into {site}, offline",
+             [py, str(Path(__file__).resolve()), "--install-wheels", "--wheels", str(wheels), "--site", str(site)],
+             cap_s=90, min_s=0, critical=True),
+        Part("cuda-tests", "pytest -m cuda (tests/test_gpu.py) without onnxruntime-gpu",
+             [py, "-m", "pytest", "-m", "cuda", "tests/test_gpu.py", "-q", "-rs", "-p", "no:cacheprovider"],
+             cap_s=150, min_s=60, critical=True),
+        Part("training", "short training runs on the GPU (scripts/gpu_train_check.py, tiny encoders)",
+             [py, "scripts/gpu_train_check.py"], cap_s=120, min_s=60),
+        Part("demo-model", "the demo model", [], cap_s=0, min_s=0, skip=DEVICE_SKIPS["demo-model"]),
+        Part("bench", "serving benchmark on the GPU, TorchScript (python -m bench --device cuda --backend torchscript)",
+             bench, cap_s=240, min_s=120, budget_flag="--max-minutes"),
+    ]
+
+
+def pytest_skips(results: list[Result]) -> list[str]:
+    """The CUDA tests' skip lines (pytest -rs), from the part's log."""
+    out = []
+    for r in results:
+        if r.name == "cuda-tests" and r.log and Path(r.log).is_file():
+            for line in Path(r.log).read_text(errors="replace").splitlines():
+                m = re.match(r"SKIPPED \[\d+\] (.+)", line.strip())
+                if m:
+                    out.append(f"skipped test {m.group(1)}")
+    return out
+
+
+OUT_FILES = ("gpu.md", "gpu.json", "gpu.png", "gpu-train.md", "gpu-train.json")
+
+
+def export_results(out: Path, results_dir: Path = RESULTS, logs: tuple[Path, ...] = (LOGS, BENCH_LOGS)) -> list[str]:
+    """Copy the reports into `out` (the device hands back at most 8 files from $OUT) and the logs as one archive."""
+    out.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in OUT_FILES:
+        if (results_dir / name).is_file():
+            shutil.copy2(results_dir / name, out / name)
+            copied.append(name)
+    archive = out / "gpu-check-logs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for d in logs:
+            for f in sorted(Path(d).glob("*.log")) if Path(d).is_dir() else []:
+                tar.add(f, arcname=f"{Path(d).name}/{f.name}")
+    copied.append(archive.name)
+    return copied
+
+
+def main_device_image(args) -> int:
+    if not (args.wheels / "plan.json").is_file():
+        print(f"gpu-check: --device-image needs the carried wheels: no {args.wheels / 'plan.json'} (run `make "
+              "gpu-wheels` on the machine that sends the tree, and name .whl in the call's carry)")
+        return 2
+    use_site(args.site)
+    try:
+        gpus: int | None = gpu_count()
+    except ImportError:  # the app's own imports need the carried wheels: known after the install part
+        gpus = None
+    parts = device_plan(args.wheels, args.site, gpus)
+    if args.dry_run:
+        print_plan(parts, gpus)
+        chosen, notes, short = device_wheels(args.wheels, args.site)
+        print(f"  the install part runs (offline, {len(chosen)} wheels):")
+        print("     $ " + shlex.join(_wheels().install_command(python(), Path(_rel(args.wheels)), chosen, args.site)))
+        for line in notes + [f"WARNING: {x}" for x in short]:
+            print(f"     {line}")
+        print(f"     then PYTHONPATH={args.site}{os.pathsep}{ROOT} for every later part")
+        print("  not run here: " + "; ".join(DEVICE_SKIPS.values()))
+        if args.out:
+            print(f"  then copies {', '.join(OUT_FILES)} and gpu-check-logs.tar.gz into {args.out}")
+        return 0
+    if gpus == 0:
+        print("gpu-check: no usable NVIDIA GPU here (no CUDA driver or no device); nothing to do")
+        return 0
+    device = device_name()
+    started = time.time()
+    print(f"gpu-check: device image, {device}; {len(parts)} parts in at most {TOTAL_S:.0f} s; logs in {LOGS}",
+          flush=True)
+
+    def after(part: Part, result: Result) -> str | None:
+        if part.name != "install":
+            return None
+        if result.status != "passed":
+            return "the carried wheels did not install (install.log)"
+        return None if gpu_count() > 0 else "no usable NVIDIA GPU (app.runtime.cuda_device_count() == 0)"
+
+    results = run_parts(parts, TOTAL_S, LOGS, after=after)
+    notes = [DEVICE_SKIPS["onnx-bench"], *pytest_skips(results)]
+    write_report(results, device + ", offline device image", RESULTS, notes)
+    code = exit_status(parts, results)
+    print(f"gpu-check: {time.time() - started:.0f} s; wrote {RESULTS / 'gpu.md'}; "
+          + ("FAILED (install or CUDA tests)" if code else "CUDA tests passed"))
+    if args.out:
+        print(f"gpu-check: copied to {args.out}: {', '.join(export_results(args.out))}")
+    print((RESULTS / "gpu.md").read_text())
+    return code
+
+
 # ------------------------------------------------------------------------------------ main
 def gpu_count() -> int:
     from app.runtime import cuda_device_count
@@ -320,16 +548,18 @@ def device_name() -> str:
         return "NVIDIA GPU"
 
 
-def print_plan(parts: list[Part], gpus: int) -> None:
-    print(f"gpu-check plan ({gpus} GPU(s) here" + ("; a real run would stop after one line" if gpus == 0 else "")
+def print_plan(parts: list[Part], gpus: int | None) -> None:
+    here = "GPUs unknown until the carried wheels are installed" if gpus is None else f"{gpus} GPU(s) here"
+    print(f"gpu-check plan ({here}" + ("; a real run would stop after one line" if gpus == 0 else "")
           + f"; parts share {TOTAL_S:.0f} s):")
     left = TOTAL_S
     for i, part in enumerate(parts):
         b = budget(parts, i, left)
         state = f"skipped: {part.skip}" if part.skip else f"up to {b:.0f} s (cap {part.cap_s:.0f}, keeps {part.min_s:.0f})"
         print(f"  {i + 1}. {part.name}: {part.what}; {state}" + ("; its failure fails gpu-check" if part.critical else ""))
-        print(f"     $ {shlex.join(command_for(part, b))}")
-        if part.name == "install":
+        if part.command:
+            print(f"     $ {shlex.join(command_for(part, b))}")
+        if part.name == "install" and "--install-only" in part.command:
             for what, _, commands in install_commands():
                 for _, cmd in commands:
                     print(f"       if {what} is missing: $ {shlex.join(cmd)}")
@@ -341,11 +571,25 @@ def print_plan(parts: list[Part], gpus: int) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="print the plan and its commands; run nothing")
+    ap.add_argument("--device-image", action="store_true",
+                    help="the offline GPU machine (docs/gpu-check.md): install the wheels carried in --wheels into "
+                         "--site, skip what cannot run there (chosen by itself where there is no .venv, torch is a "
+                         "CUDA build and --wheels holds plan.json)")
+    ap.add_argument("--wheels", type=Path, default=WHEELS_DIR, help="the wheels of make gpu-wheels (default .whl)")
+    ap.add_argument("--site", type=Path, default=SITE, help="where the device image gets them (default /tmp/site)")
+    ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
+                    help="also copy the reports and logs here (default $OUT when set)")
     ap.add_argument("--install-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--install-wheels", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--budget-s", type=float, default=150.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.wheels = args.wheels.resolve()
     if args.install_only:
         return install(args.budget_s)
+    if args.install_wheels:
+        return install_wheels(args.wheels, args.site)
+    if args.device_image or all(device_image_checks(args.wheels).values()):
+        return main_device_image(args)
     gpus = gpu_count()
     if args.dry_run:
         print_plan(plan(gpus), gpus)
@@ -362,6 +606,8 @@ def main(argv=None) -> int:
     code = exit_status(parts, results)
     print(f"gpu-check: {time.time() - started:.0f} s; wrote {RESULTS / 'gpu.md'}; "
           + ("CUDA tests FAILED" if code else "CUDA tests passed"))
+    if args.out:
+        print(f"gpu-check: copied to {args.out}: {', '.join(export_results(args.out))}")
     return code
 
 

@@ -51,23 +51,23 @@ IMAGE_PACKAGES_READ = "2026-11-17"
 IMAGE_PACKAGES = frozenset(canonicalize_name(n) for n in """
 absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi
 charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core cuda-pathfinder
-cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock flatbuffers flax fonttools
-formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx humanize hypothesis idna imageio iniconfig
-interface-meta jax jax-cuda13-pjrt jax-cuda13-plugin jaxlib jaxtyping jinja2 joblib kiwisolver lazy-loader lightning
-lightning-utilities linear-operator lineax llvmlite lxml markdown markdown-it-py markupsafe matplotlib mdurl meson
-ml-dtypes mpi4py mpmath msgpack multidict multipledispatch mypy-extensions nanobind narwhals networkx ninja numba
-numba-cuda numpy numpyro nvidia-cublas nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13
-nvidia-cufft nvidia-cufile nvidia-curand nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-ml-py
-nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx onnx onnx-ir onnxruntime onnxscript
-opencv-python-headless optax opt-einsum opt-einsum-fx optimistix orbax-checkpoint packaging pandas pathspec patsy peft
-pillow pip pluggy portalocker prometheus-client propcache protobuf psutil pyarrow pybind11 py-cpuinfo pygments
-pyparsing pyproject-hooks pyre-extensions pytest pytest-benchmark pytest-cov pytest-mock pytest-timeout pytest-xdist
-python-dateutil pytorch-lightning pyyaml regex requests rich sacrebleu safetensors scikit-build-core scikit-image
-scikit-learn scipy seaborn sentencepiece sentence-transformers setuptools shellingham simplejson six sortedcontainers
-statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl tifffile tiktoken timm
-tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope
-triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl
-zipp
+cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock flatbuffers flax
+fonttools formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx huggingface-hub humanize
+hypothesis idna imageio iniconfig interface-meta jax jax-cuda13-pjrt jax-cuda13-plugin jaxlib jaxtyping jinja2
+joblib kiwisolver lazy-loader lightning lightning-utilities linear-operator lineax llvmlite lxml markdown
+markdown-it-py markupsafe matplotlib mdurl meson ml-dtypes mpi4py mpmath msgpack multidict multipledispatch
+mypy-extensions nanobind narwhals networkx ninja numba numba-cuda numpy numpyro nvidia-cublas nvidia-cuda-cupti
+nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand nvidia-cusolver
+nvidia-cusparse nvidia-cusparselt-cu13 nvidia-ml-py nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13
+nvidia-nvtx onnx onnx-ir onnxruntime onnxscript opencv-python-headless optax opt-einsum opt-einsum-fx optimistix
+orbax-checkpoint packaging pandas pathspec patsy peft pillow pip pluggy portalocker prometheus-client propcache
+protobuf psutil pyarrow pybind11 py-cpuinfo pygments pyparsing pyproject-hooks pyre-extensions pytest
+pytest-benchmark pytest-cov pytest-mock pytest-timeout pytest-xdist python-dateutil pytorch-lightning pyyaml regex
+requests rich sacrebleu safetensors scikit-build-core scikit-image scikit-learn scipy seaborn sentencepiece
+sentence-transformers setuptools shellingham simplejson six sortedcontainers statsmodels sympy tabulate tensorboard
+tensorboard-data-server tensorstore threadpoolctl tifffile tiktoken timm tokenizers toolz torch torchaudio
+torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope triton typer typing-extensions
+typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
 """.split())
 # KINDS.md, nvidia-h200, "pip list, as a session saw it" (2026-11), and its python3 / torch lines: the only versions
 # on record. The image's torch is the CUDA build 2.11.0+cu130; its onnxruntime the CPU package.
@@ -346,6 +346,70 @@ def print_decisions(decisions: list[Decision], left: dict[str, str], say=print) 
     say(f"left out: {len(left)}")
     for req, why in sorted(left.items()):
         say(f"  {req}: {why}")
+
+
+# ------------------------------------------------------------------------------------------------ the device side
+# Used there by scripts/gpu_check.py --device-image (stdlib and packaging only: the image has both).
+def read_plan(wheels: Path) -> dict:
+    return json.loads((wheels / PLAN_FILE).read_text())
+
+
+def installed_versions(exclude: Path | None = None) -> dict[str, str]:
+    """{canonical name: version} of the distributions this interpreter imports (the first on sys.path wins, as for
+    imports), leaving out those under `exclude` (the target of an earlier install: the image's own are asked)."""
+    from importlib.metadata import distributions
+
+    skip = exclude.resolve() if exclude else None
+    paths = [p for p in sys.path if p and not (skip and Path(p).resolve().is_relative_to(skip))]
+    out: dict[str, str] = {}
+    for d in distributions(path=paths):
+        name = d.metadata["Name"]
+        if name:
+            out.setdefault(canonicalize_name(name), d.version)
+    return out
+
+
+def _satisfies(version: str | None, spec: str) -> bool:
+    if version is None:
+        return False
+    try:
+        return SpecifierSet(spec).contains(Version(version), prereleases=True)
+    except ValueError:  # an unparsable version: take it as failing
+        return False
+
+
+def wheels_to_install(plan: dict, image: dict[str, str]) -> tuple[list[dict], list[str]]:
+    """(the plan's wheels to install there, a line for each guard): a guard's wheel is installed only when the
+    image's version of it fails its condition."""
+    chosen, notes = [], []
+    for w in plan["wheels"]:
+        cond, have = w.get("condition"), image.get(w["name"])
+        if cond is not None:
+            if _satisfies(have, cond):
+                notes.append(f"{w['name']}: the image's {have} satisfies {cond}: its wheel is not installed")
+                continue
+            notes.append(f"{w['name']}: the image has {have or 'none'}, not {cond}: installing {w['version']}")
+        chosen.append(w)
+    return chosen, notes
+
+
+def expectation_problems(plan: dict, image: dict[str, str]) -> list[str]:
+    """The image's own packages that fall short of what the carried ones (or ours) require."""
+    problems = []
+    for name, spec in sorted(plan.get("expect", {}).items()):
+        have = image.get(name)
+        if have is None:
+            problems.append(f"{name}: not in the image (needed: {spec or 'any version'})")
+        elif spec and not _satisfies(have, spec):
+            problems.append(f"{name}: the image has {have}, needed {spec}")
+    return problems
+
+
+def install_command(python: str, wheels: Path, chosen: list[dict], site: Path) -> list[str]:
+    """Offline: only the carried files, no index, no dependency resolution (the plan lists every one)."""
+    return [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index", "--no-deps",
+            "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(site),
+            *[str(wheels / w["file"]) for w in chosen]]
 
 
 def main(argv=None) -> int:

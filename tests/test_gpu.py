@@ -1,13 +1,15 @@
 """The GPU paths on a real GPU (issue 15 item 3), marker `cuda`: `pytest -m cuda` (`make gpu-check` runs them).
 Skipped, with the reason, where no NVIDIA GPU is usable (`app.runtime.cuda_device_count() == 0`); on a machine with
-one, a CUDA provider that cannot run is a failure, never a skip.
+one, a CUDA provider that cannot run is a failure, never a skip. The one other skip: the ONNX CUDA tests where the
+installed onnxruntime is a package built without the CUDA provider (the offline device image's CPU `onnxruntime`:
+onnxruntime-gpu cannot be carried there), and the TorchScript ones where torch has no CUDA.
 
 * onnxruntime's CUDA provider is really used (the session's own provider list), with I/O binding and the arena
   options from the settings, and answers what the CPU provider answers;
-* DEVICE=cuda fails the model loudly when CUDA cannot run (no silent CPU fallback);
+* DEVICE=cuda fails the model loudly when CUDA cannot run (no silent CPU fallback), on both runtimes;
 * TorchScript serves on CUDA through pinned host buffers and answers what it answers on CPU;
 * a batch that runs out of memory is split and the max batch size lowered: with a real arena limit
-  (CUDA_MEM_LIMIT_BYTES) and through the fault hook.
+  (CUDA_MEM_LIMIT_BYTES) and through the fault hook (on ONNX and on TorchScript).
 """
 from __future__ import annotations
 
@@ -35,6 +37,36 @@ pytestmark = [
                        reason="no usable NVIDIA GPU (app.runtime.cuda_device_count() == 0); run on a GPU machine: "
                               "make gpu-check"),
 ]
+
+
+
+def _ort_cuda_skip() -> str | None:
+    """Why the ONNX CUDA tests cannot run with this onnxruntime (None: its package has the CUDA provider, so they
+    run, and fail if CUDA does not start)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return None
+    try:
+        package = f"onnxruntime-gpu {version('onnxruntime-gpu')}"
+    except PackageNotFoundError:
+        package = f"onnxruntime {ort.__version__} (the CPU package; onnxruntime-gpu is not installed)"
+    return (f"{package} has no CUDAExecutionProvider: the ONNX CUDA paths need onnxruntime-gpu (on the offline device "
+            "image it cannot be carried: its wheel is over the 64 MiB a call carries)")
+
+
+ORT_CUDA_SKIP = _ort_cuda_skip()
+needs_ort_cuda = pytest.mark.skipif(ORT_CUDA_SKIP is not None, reason=ORT_CUDA_SKIP or "")
+
+
+def torch_cuda_or_skip():
+    torch = pytest.importorskip("torch", reason="TorchScript needs torch (the train extra)")
+    if not torch.cuda.is_available():
+        pytest.skip(f"torch {torch.__version__} has no CUDA (the CPU build): make gpu-check installs the CUDA build")
+    return torch
+
 
 ITEMS = {  # one request per tiny model, text and media
     "tiny-classify": ("/v1/classify", {"text": "alice flew from paris to berlin", "top_k": 3}),
@@ -70,6 +102,7 @@ def answers(client) -> dict[str, dict]:
     return out
 
 
+@needs_ort_cuda
 def test_onnxruntime_runs_on_the_cuda_provider_with_io_binding_and_answers_what_cpu_answers(app_repository):  # noqa: F811
     with make_client(app_repository, device="cpu") as c:
         wait_ready(c)
@@ -94,33 +127,68 @@ def test_onnxruntime_runs_on_the_cuda_provider_with_io_binding_and_answers_what_
         close(on_gpu[name], on_cpu[name])
 
 
-def test_device_cuda_fails_loudly_when_cuda_cannot_run(app_repository):  # noqa: F811
-    """No device visible to this process: DEVICE=cuda must fail the model, not serve it on the CPU."""
-    code = ("import sys; from pathlib import Path; from app.runtime import OnnxRuntime\n"
-            "try:\n    OnnxRuntime(Path(sys.argv[1]), 'cuda')\nexcept Exception as e:\n"
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_device_cuda_fails_loudly_when_cuda_cannot_run(app_repository, tmp_path, backend):  # noqa: F811
+    """No device visible to this process: DEVICE=cuda must fail the model, not serve it on the CPU (with a CPU-only
+    onnxruntime it is refused for want of the provider: a refusal too)."""
+    if backend == "onnx":
+        path = app_repository / "tiny-ner" / "1" / "model.onnx"
+        make = "OnnxRuntime(Path(sys.argv[1]), 'cuda')"
+    else:
+        torch_cuda_or_skip()
+        version_dir = tmp_path / "tiny-classify" / "1"
+        shutil.copytree(app_repository / "tiny-classify" / "1", version_dir)
+        add_torchscript(version_dir)
+        path = version_dir / "model.pt"
+        make = "TorchScriptRuntime(Path(sys.argv[1]), 'cuda', ['input_ids'])"
+    code = ("import sys; from pathlib import Path; from app.runtime import OnnxRuntime, TorchScriptRuntime\n"
+            f"try:\n    {make}\nexcept Exception as e:\n"
             "    print('REFUSED', e); sys.exit(3)\nprint('SERVED ON CPU'); sys.exit(0)\n")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    p = subprocess.run([sys.executable, "-c", code, str(app_repository / "tiny-ner" / "1" / "model.onnx")],
+    p = subprocess.run([sys.executable, "-c", code, str(path)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0 and "SERVED ON CPU" not in p.stdout, p.stdout + p.stderr
+    assert p.returncode == 3 and "REFUSED" in p.stdout, p.stdout + p.stderr
 
 
 def add_torchscript(directory: Path) -> None:
-    """A traced TorchScript file for tiny-vqa (text + image inputs), listed and hashed in its manifest."""
+    """A traced TorchScript file for a tiny classify or VQA model (a version directory of tests/fixtures_app.py),
+    listed and hashed in its manifest: each of the manifest's inputs, in order, reduced to one number per item (the
+    token ids by their masked mean, so padding to a batch's longest text changes nothing) and mixed by fixed weights
+    into the labels' logits [batch, labels]: different inputs, different answers, no training."""
     import torch
 
     from models.manifest import FormatInfo, hash_directory, read_manifest
 
-    class Tiny(torch.nn.Module):
-        def forward(self, input_ids, attention_mask, pixel_values, image_present):
-            t = (input_ids.float() * attention_mask.float()).sum(1, keepdim=True) / 100.0
-            img = pixel_values.mean(dim=(2, 3)) * image_present[:, None]
-            return torch.cat([t, img, t * 2, img[:, :1]], dim=1)  # [B, 6]
-
-    ex = (torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long), torch.zeros(2, 3, 32, 32),
-          torch.ones(2))
-    torch.jit.trace(Tiny(), ex).save(str(directory / "model.pt"))
     m = read_manifest(directory)
+    names = [t.name for t in m.inputs]
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(3)
+            self.register_buffer("mix", torch.randn(len(names), len(m.labels), generator=g))
+
+        def forward(self, *xs):
+            feeds = dict(zip(names, xs))
+            cols = []
+            for name, x in feeds.items():  # unrolled by the trace
+                if name == "input_ids":
+                    mask = feeds["attention_mask"].float()
+                    cols.append((x.float() * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1) / 100)
+                elif name == "attention_mask":
+                    cols.append(x.float().sum(1, keepdim=True) / 32)
+                elif x.dim() > 1:  # media: fixed sizes
+                    cols.append(x.float().flatten(1).mean(1, keepdim=True))
+                else:  # presence flags
+                    cols.append(x.float()[:, None])
+            return torch.cat(cols, dim=1) @ self.mix
+
+    ex = []
+    for spec in m.inputs:  # batch 2, every symbolic dimension 3 (image sides: the model's own)
+        shape = [2] + [d if isinstance(d, int) else 3 for d in spec.shape[1:]]
+        dtype = torch.long if spec.dtype == "int64" else torch.float32
+        ex.append(torch.ones(shape, dtype=dtype))
+    torch.jit.trace(Tiny(), tuple(ex)).save(str(directory / "model.pt"))
     m.formats["torchscript"] = FormatInfo(file="model.pt", size_bytes=(directory / "model.pt").stat().st_size,
                                           export_seconds=0.0)
     m.files = hash_directory(directory)
@@ -128,9 +196,7 @@ def add_torchscript(directory: Path) -> None:
 
 
 def test_torchscript_serves_on_cuda_through_pinned_buffers(tmp_path):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip(f"torch {torch.__version__} has no CUDA (the CPU build): make gpu-check installs the CUDA build")
+    torch_cuda_or_skip()
     add_torchscript(build_model(tmp_path, "tiny-vqa", seed=3))
     path, body = ITEMS["tiny-vqa"]
     with make_client(tmp_path, backend="torchscript", device="cpu") as c:
@@ -159,6 +225,7 @@ def settled(client, name: str = "tiny-classify", timeout: float = 120) -> dict:
     raise AssertionError(f"{name} neither ready nor failed: {model_view(client, name)}")
 
 
+@needs_ort_cuda
 def test_a_batch_over_a_real_arena_limit_is_split_and_the_size_lowered(app_repository, tmp_path):  # noqa: F811
     """Arena limits from roomy to tiny (kSameAsRequested, so the limit is what is asked): at each the model either
     fails to load for want of memory, or serves every item of a 12-item request with the unlimited answers, its
@@ -191,12 +258,22 @@ def test_a_batch_over_a_real_arena_limit_is_split_and_the_size_lowered(app_repos
     assert bitten, "no arena limit down to 256 KiB changed anything: gpu_mem_limit did not reach the provider"
 
 
-def test_out_of_memory_on_the_gpu_through_the_fault_hook(app_repository, hooks):  # noqa: F811
+@pytest.mark.parametrize("backend", [pytest.param("onnx", marks=needs_ort_cuda), "torchscript"])
+def test_out_of_memory_on_the_gpu_through_the_fault_hook(app_repository, hooks, tmp_path, backend):  # noqa: F811
+    """The batcher's split on a model served on the GPU, the error raised as that runtime raises it (onnxruntime's
+    BFCArena message; torch's OutOfMemoryError class)."""
+    repo = app_repository
+    if backend == "torchscript":
+        torch_cuda_or_skip()
+        repo = tmp_path / "repo"  # tiny-classify alone, with a model.pt
+        shutil.copytree(app_repository / "tiny-classify", repo / "tiny-classify")
+        add_torchscript(repo / "tiny-classify" / "1")
     seen: list[int] = []
-    with make_client(app_repository, device="cuda", max_batch_size=32, max_delay_ms=2) as c:
+    with make_client(repo, device="cuda", backend=backend, max_batch_size=32, max_delay_ms=2) as c:
         wait_ready(c, timeout=120)
+        assert (model_view(c)["device"], model_view(c)["backend"]) == ("cuda:0", backend)
         ref = c.post("/v1/classify/batch", json={"inputs": [{"text": t} for t in TEXTS], "top_k": 3}).json()
-        hooks(oom_above(3, seen, threading.Lock()))
+        hooks(oom_above(3, seen, threading.Lock(), torch_style=backend == "torchscript"))
         r = c.post("/v1/classify/batch", json={"inputs": [{"text": t} for t in TEXTS], "top_k": 3})
         assert [x["status"] for x in r.json()["results"]] == [200] * 12
         for got, want in zip(r.json()["results"], ref["results"]):

@@ -1,7 +1,11 @@
 """`make gpu-check` (scripts/gpu_check.py, issue 15 item 4) where no GPU is: one line and exit 0, writing nothing; its
 plan (`--dry-run`) in order and inside 8 minutes; and the runner's own logic with real processes: a part that
 overruns its time box is killed with its children and reported, a failing part does not stop the next, only a
-failed CUDA-test part makes the exit status non-zero, and the report lists every part."""
+failed CUDA-test part makes the exit status non-zero, and the report lists every part. Then the offline device image
+(`--device-image`, docs/gpu-check.md) in a faked one: its plan (the carried wheels installed with --no-index into a
+target, guards only where the image falls short, what is skipped and why), its recognition, a failed install
+skipping the rest, the report's notes and the files copied to $OUT, and tests/test_gpu.py's TorchScript variants
+rehearsed on CPU."""
 from __future__ import annotations
 
 import re
@@ -15,6 +19,8 @@ import pytest
 from app.runtime import cuda_device_count
 from scripts import gpu_check
 from scripts.gpu_check import Part
+from tests.fixtures_app import app_repository  # noqa: F401 (fixture)
+from tests.test_gpu_oom import hooks  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
@@ -118,3 +124,163 @@ def test_the_report_joins_the_bench_output_of_the_same_run(tmp_path):
     stale = gpu_check.Result("bench", "timeout", 5.0, 5.0, started=time.time() + 100)
     gpu_check.write_report([stale], "1 x Test GPU", out)
     assert "bench tables" not in (out / "gpu.md").read_text()
+
+
+# ------------------------------------------------------------------------------------ the offline device image
+def fake_wheels(tmp_path: Path) -> Path:
+    """A .whl folder as make gpu-wheels leaves it: one wheel always installed, two guards (one the image here
+    satisfies, one it cannot), and one expectation this environment misses."""
+    wheels = tmp_path / ".whl"
+    wheels.mkdir()
+    plan = {"wheels": [
+        {"name": "fastapi", "version": "0.165.0", "file": "fastapi-0.165.0-py3-none-any.whl", "condition": None},
+        {"name": "packaging", "version": "99.0", "file": "packaging-99.0-py3-none-any.whl", "condition": ">=1"},
+        {"name": "not-in-any-image", "version": "1.0", "file": "not_in_any_image-1.0-py3-none-any.whl",
+         "condition": ">=1"}],
+        "expect": {"numpy": ">=1.26", "not-in-any-image-either": ""}}
+    (wheels / "plan.json").write_text(__import__("json").dumps(plan))
+    return wheels
+
+
+def test_the_device_image_plan_installs_offline_and_says_what_is_skipped_and_why(tmp_path):
+    before = results_snapshot()
+    wheels, site, out = fake_wheels(tmp_path), tmp_path / "site", tmp_path / "out"
+    p = subprocess.run([sys.executable, str(SCRIPT), "--device-image", "--dry-run", "--wheels", str(wheels),
+                        "--site", str(site), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    out_text = p.stdout
+    assert re.findall(r"^  \d+\. ([\w-]+):", out_text, re.M) == ["install", "cuda-tests", "training", "demo-model",
+                                                                   "bench"]
+    assert re.search(r"^  1\. install: .*its failure fails gpu-check", out_text, re.M)
+    assert re.search(r"^  4\. demo-model: .*skipped: .*84 MB", out_text, re.M)
+    pip = next(line for line in out_text.splitlines() if " -m pip install " in line)
+    for arg in ("--no-index", "--no-deps", f"--target {site}", f"{wheels.name}/fastapi-0.165.0-py3-none-any.whl",
+                "not_in_any_image-1.0-py3-none-any.whl"):
+        assert arg in pip, arg
+    assert "packaging-99.0" not in pip  # a guard the image (here: this environment) satisfies
+    assert re.search(r"packaging: the image's [\d.]+ satisfies >=1: its wheel is not installed", out_text)
+    assert "not-in-any-image: the image has none, not >=1: installing 1.0" in out_text
+    assert "WARNING: not-in-any-image-either: not in the image" in out_text
+    assert f"PYTHONPATH={site}" in out_text
+    assert "-m pytest -m cuda tests/test_gpu.py" in out_text and "scripts/gpu_train_check.py" in out_text
+    bench = next(line for line in out_text.splitlines() if line.strip().startswith("$") and " -m bench " in line)
+    for arg in ("--device cuda", "--backend torchscript", "--workloads tiny",
+                "--systems limit,mmserve,nobatch,litserve", "--max-minutes"):
+        assert arg in bench, arg
+    assert "onnxruntime-gpu" in out_text and "64 MiB" in out_text  # why the ONNX CUDA parts do not run
+    budgets = [float(x) for x in re.findall(r"up to (\d+) s \(cap", out_text)]
+    assert budgets and sum(budgets) <= 8 * 60
+    assert f"into {out}" in out_text and not out.exists() and not site.exists()
+    assert results_snapshot() == before
+
+
+def test_the_device_image_is_recognised_by_its_three_marks(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    wheels = fake_wheels(tmp_path)
+    checks = gpu_check.device_image_checks(wheels, root=tmp_path)
+    assert checks["no .venv"] and checks["wheels in .whl (plan.json of make gpu-wheels)"]
+    assert gpu_check.device_image_checks(wheels)["no .venv"] is False  # this checkout has one
+    real = importlib.metadata.version
+    for torch_version, cuda in (("2.11.0+cu130", True), ("2.13.0+cpu", False)):
+        monkeypatch.setattr(importlib.metadata, "version", lambda n, v=torch_version: v if n == "torch" else real(n))
+        assert gpu_check.torch_is_cuda_build() is cuda
+
+
+@pytest.mark.skipif(cuda_device_count() > 0, reason="a GPU is here: the device-image run would run for minutes")
+def test_the_device_image_mode_without_a_gpu_is_one_line_and_without_wheels_says_what_to_do(tmp_path):
+    before = results_snapshot()
+    p = subprocess.run([sys.executable, str(SCRIPT), "--device-image", "--wheels", str(fake_wheels(tmp_path)),
+                        "--site", str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.splitlines() == [
+        "gpu-check: no usable NVIDIA GPU here (no CUDA driver or no device); nothing to do"], p.stdout + p.stderr
+    p = subprocess.run([sys.executable, str(SCRIPT), "--device-image", "--wheels", str(tmp_path / "none")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "make gpu-wheels" in p.stdout and ".whl" in p.stdout
+    assert results_snapshot() == before
+
+
+def test_a_failed_install_skips_the_later_parts_with_its_reason_and_fails_the_check(tmp_path):
+    py = sys.executable
+    parts = [Part("install", "", [py, "-c", "raise SystemExit(1)"], cap_s=20, min_s=0, critical=True),
+             Part("cuda-tests", "", [py, "-c", "print('never')"], cap_s=20, min_s=0, critical=True),
+             Part("bench", "", [py, "-c", "print('never')"], cap_s=20, min_s=0)]
+    after = lambda part, r: "the carried wheels did not install" if r.status != "passed" else None  # noqa: E731
+    results = gpu_check.run_parts(parts, 60, tmp_path / "logs", say=lambda *a, **k: None, after=after)
+    assert [(r.name, r.status) for r in results] == [("install", "failed"), ("cuda-tests", "skipped"),
+                                                     ("bench", "skipped")]
+    assert results[1].note == "the carried wheels did not install"
+    assert gpu_check.exit_status(parts, results) == 1
+
+
+def test_the_report_lists_what_was_not_run_and_the_results_are_copied_for_the_device(tmp_path):
+    log = tmp_path / "cuda-tests.log"
+    log.write_text("....s\nSKIPPED [1] tests/test_gpu.py:97: onnxruntime 1.30.0 (the CPU package) has no "
+                   "CUDAExecutionProvider\n2 passed, 1 skipped\n")
+    results = [gpu_check.Result("cuda-tests", "passed", 30.0, 150.0, log=str(log))]
+    notes = [gpu_check.DEVICE_SKIPS["onnx-bench"], *gpu_check.pytest_skips(results)]
+    assert notes[1] == ("skipped test tests/test_gpu.py:97: onnxruntime 1.30.0 (the CPU package) has no "
+                        "CUDAExecutionProvider")
+    res = tmp_path / "results"
+    gpu_check.write_report(results, "1 x Test GPU, offline device image", res, notes)
+    md = (res / "gpu.md").read_text()
+    assert "Not run, or run differently, here:" in md and "* skipped test tests/test_gpu.py:97" in md
+    assert __import__("json").loads((res / "gpu.json").read_text())["gpu_check"]["notes"] == notes
+    (res / "gpu-train.md").write_text("# training\n")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "bench.log").write_text("bench log\n")
+    out = tmp_path / "OUT"
+    copied = gpu_check.export_results(out, res, (logs, tmp_path / "missing"))
+    assert copied == ["gpu.md", "gpu.json", "gpu-train.md", "gpu-check-logs.tar.gz"] and len(copied) <= 8
+    assert (out / "gpu.md").read_text() == md
+    import tarfile
+
+    with tarfile.open(out / "gpu-check-logs.tar.gz") as tar:
+        assert tar.getnames() == ["logs/bench.log"]
+
+
+def test_the_device_runs_cuda_variants_rehearsed_on_cpu(app_repository, hooks, tmp_path):  # noqa: F811
+    """tests/test_gpu.py's TorchScript variants (its generic model.pt, the fault-hook split raising torch's
+    OutOfMemoryError) on CPU: the test logic the device run depends on, checked where no GPU is."""
+    pytest.importorskip("torch")
+    import shutil
+    import threading
+
+    from tests.test_app_api import make_client, wait_ready
+    from tests.test_gpu import add_torchscript
+    from tests.test_gpu_oom import TEXTS, assert_same, model_view, oom_above
+
+    repo = tmp_path / "repo"
+    shutil.copytree(app_repository / "tiny-classify", repo / "tiny-classify")
+    add_torchscript(repo / "tiny-classify" / "1")
+    seen: list[int] = []
+    with make_client(repo, device="cpu", backend="torchscript", max_batch_size=32, max_delay_ms=2) as c:
+        wait_ready(c)
+        assert (model_view(c)["backend"], model_view(c)["provider"]) == ("torchscript", "torch-cpu")
+        singles = [c.post("/v1/classify", json={"text": t, "top_k": 3}).json() for t in TEXTS]
+        ref = c.post("/v1/classify/batch", json={"inputs": [{"text": t} for t in TEXTS], "top_k": 3}).json()
+        for got, want in zip(ref["results"], singles):  # padding to a batch's longest text changes nothing
+            assert_same(got, want)
+        assert len({tuple(p["score"] for p in s["predictions"]) for s in singles}) > 1  # inputs matter
+        hooks(oom_above(3, seen, threading.Lock(), torch_style=True))
+        r = c.post("/v1/classify/batch", json={"inputs": [{"text": t} for t in TEXTS], "top_k": 3})
+        assert [x["status"] for x in r.json()["results"]] == [200] * 12
+        for got, want in zip(r.json()["results"], ref["results"]):
+            assert_same(got, want)
+        assert seen == [12, 6, 3, 3, 6, 3, 3]
+        assert (model_view(c)["max_batch_size"], model_view(c)["batch_size_source"]) == (
+            3, "lowered after out-of-memory at 12")
+
+
+def test_the_onnx_cuda_tests_name_the_missing_provider_as_their_skip_reason(monkeypatch):
+    import onnxruntime
+
+    from tests import test_gpu
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    why = test_gpu._ort_cuda_skip()
+    assert "has no CUDAExecutionProvider" in why and "onnxruntime-gpu" in why
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert test_gpu._ort_cuda_skip() is None  # the package has it: the tests run (and fail if CUDA cannot start)
