@@ -11,6 +11,13 @@ import argparse
 import os
 from typing import Any, Sequence
 
+# numpy's BLAS (OpenBLAS) runs each matrix product (the audio front end's mel filters) on a pool of busy-waiting
+# threads as large as the machine. A server's parallelism is its own preprocessing threads (and, with WORKERS > 1,
+# its processes): those pools only fight them for the cores. With WORKERS=2 on 2 cores they halved the tiny model's
+# throughput and put p99 at 0.6-0.8 s, most of the front-ends' CPU spent in `filters @ power` (py-spy). OpenBLAS
+# reads this once, when numpy loads: set before anything here imports it. A user's own setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="mmserve serve", description="Serve exported models over HTTP.")
