@@ -182,7 +182,8 @@ def run_limit(wl, args, server_cpus: set[int], threads: int, log_dir: Path) -> d
 
         with open(log_dir / f"limit-{wl.name}.log", "wb") as log:  # its own group: stopped with the bench
             proc = servers.spawn(argv, cpus=server_cpus, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                 stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                     filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})  # keep e.g. /tmp/site
             try:
                 code = proc.wait(900)
             finally:
