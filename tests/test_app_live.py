@@ -115,10 +115,11 @@ def test_concurrent_requests_batch_and_each_gets_its_own_answer(server):
     assert items == len(TEXTS) and batches < len(TEXTS)  # mean batch size > 1
 
 
-@pytest.mark.parametrize("server", [{"delay_ms": 400, "max_batch_size": 1}], indirect=True)
-def test_disconnected_client_is_dropped_before_inference(server):
-    async def scenario():
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as ac:
+def hang_up_while_queued(url: str) -> httpx.Response:
+    """One request keeps the model busy; a second one's client hangs up while that request waits in the queue.
+    Returns the first one's response."""
+    async def scenario() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as ac:
             first = asyncio.create_task(ac.post("/v1/classify", json={"text": "keeps the model busy"}))
             await asyncio.sleep(0.1)
             gone = asyncio.create_task(ac.post("/v1/classify", json={"text": "will hang up"}))
@@ -127,7 +128,12 @@ def test_disconnected_client_is_dropped_before_inference(server):
             await asyncio.gather(gone, return_exceptions=True)
             return await first
 
-    r = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("server", [{"delay_ms": 400, "max_batch_size": 1}], indirect=True)
+def test_disconnected_client_is_dropped_before_inference(server):
+    r = hang_up_while_queued(server.url)
     assert r.status_code == 200
     time.sleep(0.6)
     assert server.metric('mmserve_rejections_total{model="tiny-classify",reason="disconnected"}') == 1

@@ -25,7 +25,7 @@ import tritonclient.grpc as grpcclient
 from tests.fixtures_app import app_repository, broken_repository  # noqa: F401 (fixtures)
 from tests.media import audio_bytes, image_bytes
 from tests.test_app_api import make_client, wait_ready
-from tests.test_app_live import Server, free_port
+from tests.test_app_live import Server, free_port, hang_up_while_queued
 from tests.test_oip_binary import binary_request, bytes_tensor, lp, split_response
 
 pytestmark = pytest.mark.slow
@@ -118,6 +118,18 @@ def post_json(conn: http.client.HTTPConnection, path: str, body: dict, out: list
     out[i] = (r.status, dict(r.getheaders()), json.loads(r.read()))
 
 
+def post_on(held: dict, prefix: str) -> tuple[list, list[threading.Thread], list]:
+    """POST /v1/classify on every held connection at once, each from its own thread ("PREFIX i"). Returns
+    (connections, started threads, results): each result fills in as (status, headers, body)."""
+    conns = [c for cs in held.values() for c in cs]
+    out: list = [None] * len(conns)
+    threads = [threading.Thread(target=post_json, args=(c, "/v1/classify", {"text": f"{prefix} {i}"}, out, i))
+               for i, c in enumerate(conns)]
+    for t in threads:
+        t.start()
+    return conns, threads, out
+
+
 def requests_total(server: Server) -> float:
     text = httpx.get(server.url + "/metrics").text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
@@ -153,12 +165,7 @@ def test_same_answers_as_one_process(workers, single):
 def test_batches_mix_both_frontends_and_metrics_count_them_all(workers):
     before = requests_total(workers)
     held = connections_per_frontend(workers, 8)
-    conns = [c for cs in held.values() for c in cs]
-    out: list = [None] * len(conns)
-    threads = [threading.Thread(target=post_json, args=(c, "/v1/classify", {"text": f"request {i}"}, out, i))
-               for i, c in enumerate(conns)]
-    for t in threads:
-        t.start()
+    conns, threads, out = post_on(held, "request")
     for t in threads:
         t.join(60)
     for c in conns:
@@ -213,17 +220,7 @@ def test_disconnected_client_is_dropped_by_the_engine(workers):
     batches = 'mmserve_batch_size_count{model="tiny-classify"}'
     before = workers.metric(dropped), workers.metric(batches)
 
-    async def scenario():
-        async with httpx.AsyncClient(base_url=workers.url, timeout=30) as ac:
-            first = asyncio.create_task(ac.post("/v1/classify", json={"text": "keeps the model busy"}))
-            await asyncio.sleep(0.1)
-            gone = asyncio.create_task(ac.post("/v1/classify", json={"text": "will hang up"}))
-            await asyncio.sleep(0.1)
-            gone.cancel()  # closes that connection while its request waits in the engine's queue
-            await asyncio.gather(gone, return_exceptions=True)
-            return await first
-
-    assert asyncio.run(scenario()).status_code == 200
+    assert hang_up_while_queued(workers.url).status_code == 200  # its queue: the engine's
     time.sleep(DELAY_MS / 1000 * 2)
     assert workers.metric(dropped) - before[0] == 1
     assert workers.metric(batches) - before[1] == 1  # the dropped request never ran
@@ -259,12 +256,7 @@ def test_queue_full_then_sigterm_under_load(app_repository):  # noqa: F811
 
         # SIGTERM with requests in flight on both front-ends: each is answered, everything exits 0
         held = connections_per_frontend(s, 1)
-        conns = [c for cs in held.values() for c in cs]
-        out: list = [None] * len(conns)
-        threads = [threading.Thread(target=post_json, args=(c, "/v1/classify", {"text": f"last {i}"}, out, i))
-                   for i, c in enumerate(conns)]
-        for t in threads:
-            t.start()
+        conns, threads, out = post_on(held, "last")
         time.sleep(0.1)  # both requests are at the engine (one batch runs DELAY_MS)
         s.proc.send_signal(signal.SIGTERM)
         for t in threads:

@@ -13,7 +13,7 @@ import pytest
 from app import runtime
 from tests.fixtures_app import app_repository  # noqa: F401 (fixture)
 from tests.test_app_api import make_client, wait_ready
-from tests.test_faults import POISON, token_id
+from tests.test_faults import POISON, hooks, token_id  # noqa: F401 (hooks: fixture)
 
 # onnxruntime's CUDA arena says this when a batch does not fit (the batcher matches it by message)
 ORT_OOM = ("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running MatMul node. "
@@ -24,14 +24,6 @@ TEXTS = [f"{w} flew from paris to berlin on day {i}" for i, w in enumerate(
 
 class OutOfMemoryError(RuntimeError):
     """What torch raises (torch.cuda.OutOfMemoryError): recognised by its class name, not its message."""
-
-
-@pytest.fixture()
-def hooks():
-    removers = []
-    yield lambda hook: removers.append(runtime.add_fault_hook(hook))
-    for remove in removers:
-        remove()
 
 
 def oom_above(limit: int, seen: list[int], lock: threading.Lock, model: str = "tiny-classify", torch_style=False):
