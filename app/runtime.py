@@ -235,6 +235,7 @@ class TorchScriptRuntime:
     host buffers (`PinnedStaging`)."""
 
     backend = "torchscript"
+    retargeted = 0  # device constants moved from the tracing device to this one (app.jit_devices)
 
     def __init__(self, path: Path, device: str, input_names: list[str], intra_op_threads: int = 0):
         import torch  # lazily: only when the TorchScript backend is selected
@@ -249,6 +250,10 @@ class TorchScriptRuntime:
         if intra_op_threads > 0:
             torch.set_num_threads(intra_op_threads)
         self.module = torch.jit.load(str(path), map_location=self.device).eval()
+        if use_cuda:  # a model traced on a CPU machine keeps "cpu" in its graphs: served here, it must say cuda
+            from app.jit_devices import retarget_devices
+
+            self.retargeted = retarget_devices(self.module, self.device)
         self.provider = f"torch-{'cuda' if use_cuda else 'cpu'}"
         self.input_names = list(input_names)
         self.staging = PinnedStaging(torch, self.device) if use_cuda else None

@@ -7,7 +7,8 @@ onnxruntime-gpu cannot be carried there), and the TorchScript ones where torch h
 * onnxruntime's CUDA provider is really used (the session's own provider list), with I/O binding and the arena
   options from the settings, and answers what the CPU provider answers;
 * DEVICE=cuda fails the model loudly when CUDA cannot run (no silent CPU fallback), on both runtimes;
-* TorchScript serves on CUDA through pinned host buffers and answers what it answers on CPU;
+* TorchScript traced on a CPU (its device constants saying "cpu") serves on CUDA through pinned host buffers and
+  answers what it answers on CPU;
 * a batch that runs out of memory is split and the max batch size lowered: with a real arena limit
   (CUDA_MEM_LIMIT_BYTES) and through the fault hook (on ONNX and on TorchScript).
 """
@@ -154,7 +155,9 @@ def add_torchscript(directory: Path) -> None:
     """A traced TorchScript file for a tiny classify or VQA model (a version directory of tests/fixtures_app.py),
     listed and hashed in its manifest: each of the manifest's inputs, in order, reduced to one number per item (the
     token ids by their masked mean, so padding to a batch's longest text changes nothing) and mixed by fixed weights
-    into the labels' logits [batch, labels]: different inputs, different answers, no training."""
+    into the labels' logits [batch, labels]: different inputs, different answers, no training. Traced on the CPU with
+    the device written into it as exported models have it (`.to(device=x.device)`, `arange(device=...)`, as in
+    transformers' mask code): served on CUDA, app.jit_devices must point those at the GPU."""
     import torch
 
     from models.manifest import FormatInfo, hash_directory, read_manifest
@@ -173,8 +176,10 @@ def add_torchscript(directory: Path) -> None:
             cols = []
             for name, x in feeds.items():  # unrolled by the trace
                 if name == "input_ids":
-                    mask = feeds["attention_mask"].float()
-                    cols.append((x.float() * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1) / 100)
+                    mask = feeds["attention_mask"].to(device=x.device, dtype=torch.float32)  # a traced device
+                    steps = torch.arange(x.shape[1], device=x.device)  # another
+                    cols.append((x.float() * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1) / 100
+                                + 0 * steps.float().mean())
                 elif name == "attention_mask":
                     cols.append(x.float().sum(1, keepdim=True) / 32)
                 elif x.dim() > 1:  # media: fixed sizes
@@ -209,7 +214,9 @@ def test_torchscript_serves_on_cuda_through_pinned_buffers(tmp_path):
         r = c.post(path, json=body)
         assert r.status_code == 200, r.text
         close(r.json(), on_cpu)
-        staging = c.app.state.service.registry.entries["tiny-vqa"].runtime.inner.staging
+        runtime = c.app.state.service.registry.entries["tiny-vqa"].runtime.inner
+        assert runtime.retargeted >= 2  # the traced "cpu" constants now say cuda:0 (app.jit_devices)
+        staging = runtime.staging
         assert staging is not None and staging.allocations >= 4  # one pinned buffer per input
         assert all(b.is_pinned() for b in staging.buffers.values())
 
