@@ -374,6 +374,20 @@ def use_site(site: Path) -> None:
             sys.path.insert(0, p)
 
 
+def refresh_imports(site: Path) -> None:
+    """After the install part filled `site`: an import that failed before must look again (a path entry that did not
+    exist is cached as None, and a directory's listing is cached too)."""
+    import importlib
+
+    sys.path_importer_cache.pop(str(site), None)
+    importlib.invalidate_caches()
+
+
+def gpu_count_after_install(site: Path) -> int:
+    refresh_imports(site)
+    return gpu_count()
+
+
 def _rel(path: Path) -> str:
     path = Path(path).resolve()
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
@@ -397,9 +411,12 @@ DEVICE_SKIPS = {
     "onnx-bench": "the bench on ONNX: onnxruntime-gpu cannot travel; limit, mmserve and LitServe all run TorchScript "
                   "on the GPU (--backend torchscript)",
 }
-IMPORT_PROBE = ("import app.main, app.grpc_server, tritonclient.grpc, soundfile, uvicorn, httptools, litserve, torch; "
-                "print('imports ok: torch', torch.__version__, 'cuda', torch.cuda.is_available(), "
-                "torch.cuda.device_count())")
+# what the carried wheels must make importable (its failure fails the install part), and the image's torch (a line)
+IMPORT_PROBE = ("import app.main, app.grpc_server, app.runtime, tritonclient.grpc, soundfile, uvicorn, httptools, "
+                "litserve, pydantic, fastapi; print('imports ok: fastapi', fastapi.__version__, 'pydantic', "
+                "pydantic.VERSION)")
+TORCH_PROBE_LINE = ("import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', "
+                    "torch.cuda.is_available(), 'devices', torch.cuda.device_count())")
 
 
 def install_wheels(wheels: Path, site: Path) -> int:
@@ -422,6 +439,9 @@ def install_wheels(wheels: Path, site: Path) -> int:
     if p.returncode != 0:
         print("install: the app does not import with the carried wheels")
         return 1
+    t = subprocess.run([python(), "-c", TORCH_PROBE_LINE], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    print((t.stdout + t.stderr).strip().splitlines()[-1] if (t.stdout + t.stderr).strip() else "torch: no output")
     print(f"install: {len(chosen)} wheels in {site}")
     return 0
 
@@ -518,14 +538,19 @@ def main_device_image(args) -> int:
             return None
         if result.status != "passed":
             return "the carried wheels did not install (install.log)"
-        return None if gpu_count() > 0 else "no usable NVIDIA GPU (app.runtime.cuda_device_count() == 0)"
+        try:
+            found = gpu_count_after_install(args.site)
+        except ImportError as exc:
+            return f"the app does not import here after the install: {exc}"
+        return None if found > 0 else "no usable NVIDIA GPU (app.runtime.cuda_device_count() == 0)"
 
     results = run_parts(parts, TOTAL_S, LOGS, after=after)
     notes = [DEVICE_SKIPS["onnx-bench"], *pytest_skips(results)]
     write_report(results, device + ", offline device image", RESULTS, notes)
     code = exit_status(parts, results)
+    tests = next((r.status for r in results if r.name == "cuda-tests"), "skipped")
     print(f"gpu-check: {time.time() - started:.0f} s; wrote {RESULTS / 'gpu.md'}; "
-          + ("FAILED (install or CUDA tests)" if code else "CUDA tests passed"))
+          + ("FAILED (install or CUDA tests)" if code else f"CUDA tests {tests}"))
     if args.out:
         print(f"gpu-check: copied to {args.out}: {', '.join(export_results(args.out))}")
     print((RESULTS / "gpu.md").read_text())

@@ -201,6 +201,20 @@ def test_the_device_image_mode_without_a_gpu_is_one_line_and_without_wheels_says
     assert results_snapshot() == before
 
 
+def test_what_failed_to_import_before_the_install_imports_after_it(tmp_path, monkeypatch):
+    site = tmp_path / "site"  # not there yet, as on a fresh device machine
+    monkeypatch.syspath_prepend(str(site))
+    with pytest.raises(ImportError):
+        __import__("gpu_check_probe_module")
+    site.mkdir()
+    (site / "gpu_check_probe_module.py").write_text("VALUE = 7\n")  # what pip --target does
+    gpu_check.refresh_imports(site)
+    try:
+        assert __import__("gpu_check_probe_module").VALUE == 7
+    finally:
+        sys.modules.pop("gpu_check_probe_module", None)
+
+
 def test_a_failed_install_skips_the_later_parts_with_its_reason_and_fails_the_check(tmp_path):
     py = sys.executable
     parts = [Part("install", "", [py, "-c", "raise SystemExit(1)"], cap_s=20, min_s=0, critical=True),
