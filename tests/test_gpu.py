@@ -215,7 +215,7 @@ def test_torchscript_serves_on_cuda_through_pinned_buffers(tmp_path):
         assert r.status_code == 200, r.text
         close(r.json(), on_cpu)
         runtime = c.app.state.service.registry.entries["tiny-vqa"].runtime.inner
-        assert runtime.retargeted >= 2  # the traced "cpu" constants now say cuda:0 (app.jit_devices)
+        assert runtime.retargeted >= 1  # the traced "cpu" constant now says cuda:0 (app.jit_devices)
         staging = runtime.staging
         assert staging is not None and staging.allocations >= 4  # one pinned buffer per input
         assert all(b.is_pinned() for b in staging.buffers.values())
