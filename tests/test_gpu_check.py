@@ -296,5 +296,6 @@ def test_the_onnx_cuda_tests_name_the_missing_provider_as_their_skip_reason(monk
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     why = test_gpu._ort_cuda_skip()
     assert "has no CUDAExecutionProvider" in why and "onnxruntime-gpu" in why
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert test_gpu._ort_cuda_skip() is None  # the package has it: the tests run (and fail if CUDA cannot start)
