@@ -171,7 +171,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
         try:
-            rows = self._control().repository_index(ready_only=request.ready)
+            rows = await self._control().repository_index(ready_only=request.ready)
         except oip.OipError as err:
             await _abort(context, err)
         return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**row) for row in rows])

@@ -56,17 +56,20 @@ def build_service(s: Settings, metrics: Metrics, engine_path: str | None = None)
     """The serving core, each part with the options it needs (nothing below here reads Settings). `engine_path`:
     a front-end process of MMSERVE_WORKERS > 1, whose models live in the engine behind that socket."""
     registry: Registry
+    control_class = ModelControl
     if engine_path:
         from app.core.remote import FrontRegistry
+        from app.core.remote_control import RemoteControl
 
         registry = FrontRegistry(s.repository, metrics, engine_path=engine_path, load=load_options(s),
                                  max_delay_s=s.max_delay_ms / 1000.0, queue_size=s.queue_size,
                                  strict_readiness=s.strict_readiness)
+        control_class = RemoteControl  # the engine's ModelControl does the work
     else:
         registry = build_registry(s, metrics)
-    control = ModelControl(registry, mode=s.model_control, poll_interval_s=s.poll_interval_s, bind_host=s.host,
-                           allow_remote=s.allow_remote_model_control,
-                           drain_timeout_s=s.request_timeout_s + s.shutdown_timeout_s)
+    control = control_class(registry, mode=s.model_control, poll_interval_s=s.poll_interval_s, bind_host=s.host,
+                            allow_remote=s.allow_remote_model_control,
+                            drain_timeout_s=s.request_timeout_s + s.shutdown_timeout_s)
     service = Service(registry, metrics, preprocess_workers=s.preprocess_workers,
                       request_timeout_s=s.request_timeout_s, control=control,
                       unhealthy_after_timeouts=s.unhealthy_after_timeouts)

@@ -168,7 +168,7 @@ class Settings(BaseSettings):
         "`mmserve serve` becomes the engine (the models and one batcher per model) and starts N front-end processes "
         "on the same port that parse, decode and tokenise, then hand the prepared inputs to the engine, so batches "
         "form across all of them. Helps when one core of preprocessing cannot keep the device busy (a GPU); on a CPU "
-        "with few cores one process is usually fastest. Not with MODEL_CONTROL explicit / poll.",
+        "with few cores one process is usually fastest.",
     )
     grpc_port: int = Field(
         8001,

@@ -70,7 +70,7 @@ async def _index(control: ModelControl, request: Request) -> Response:
     ready = body.get("ready", False)
     if not isinstance(ready, bool):
         return _error(400, f"'ready' must be a boolean, got {ready!r}")
-    return JSONResponse(control.repository_index(ready_only=ready))
+    return JSONResponse(await control.repository_index(ready_only=ready))
 
 
 async def _params(request: Request) -> dict[str, Any]:

@@ -13,7 +13,9 @@ Stop (SIGTERM / SIGINT): readiness turns false everywhere, each front-end gets S
 does (`app/server.py`: drain period, backlog answered 503, in-flight requests answered), and once they have all
 exited the engine drains its batchers and exits 0. A front-end that exits on its own is logged and the whole
 server shuts down the same way (exit 1): the orchestrator restarts the pod, nothing is left half-served.
-MODEL_CONTROL explicit / poll is refused with WORKERS > 1 (front-ends would have to follow hot reloads).
+
+Model control (MODEL_CONTROL explicit / poll) runs in the engine, which owns the models: the repository poller,
+and every load / unload a front-end forwards; front-ends follow the engine's state (`app/core/engine.py`).
 """
 from __future__ import annotations
 
@@ -35,16 +37,8 @@ log = logging.getLogger("mmserve.workers")
 KILL_AFTER_S = 15.0  # past DRAIN_PERIOD_S + SHUTDOWN_TIMEOUT_S, a front-end still running is killed
 
 
-def check(settings: Settings) -> None:
-    if settings.model_control != "none":
-        raise SystemExit(f"MMSERVE_WORKERS={settings.workers} cannot run with MMSERVE_MODEL_CONTROL="
-                         f"{settings.model_control}: model load / unload and hot reload work in one process only "
-                         "(set MMSERVE_WORKERS=1, or MMSERVE_MODEL_CONTROL=none)")
-
-
 def run_workers(settings: Settings, overrides: dict[str, Any]) -> int:
     """Serve until SIGTERM; the exit code (0: a clean shutdown)."""
-    check(settings)
     if settings.intra_op_threads == 0:  # one runtime thread per core would fight the front-ends for every core
         cores = len(os.sched_getaffinity(0))
         settings = settings.model_copy(update={"intra_op_threads": max(1, cores - settings.workers)})
@@ -72,12 +66,16 @@ async def _supervise(settings: Settings, listener: socket.socket, engine_path: s
     from prometheus_client import multiprocess
 
     from app.core.engine import Engine
+    from app.core.model_control import ModelControl
     from app.main import build_registry
     from app.metrics import Metrics
 
     loop = asyncio.get_running_loop()
     registry = build_registry(settings, Metrics())
-    engine = Engine(registry, engine_path)
+    control = ModelControl(registry, mode=settings.model_control, poll_interval_s=settings.poll_interval_s,
+                           bind_host=settings.host, allow_remote=settings.allow_remote_model_control,
+                           drain_timeout_s=settings.request_timeout_s + settings.shutdown_timeout_s)
+    engine = Engine(registry, engine_path, control)
     await engine.start()
     fd, port = listener.fileno(), listener.getsockname()[1]
     procs = [await asyncio.create_subprocess_exec(

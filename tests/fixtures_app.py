@@ -161,3 +161,24 @@ def broken_repository(app_repository, tmp_path) -> Path:
     data[len(data) // 2] ^= 0xFF
     onnx_path.write_bytes(bytes(data))
     return root
+
+
+@pytest.fixture()
+def repo(tmp_path) -> Path:
+    """A fresh repository per test: tiny-classify/1 and tiny-ner/1 (model control tests add versions to it)."""
+    root = tmp_path / "repo"
+    build_model(root, "tiny-classify", version=1, seed=0)
+    build_model(root, "tiny-ner", version=1, seed=1)
+    return root
+
+
+def add_version(root: Path, name: str, version: int, seed: int, tamper=None) -> Path:
+    """Writes NAME/VERSION the way `mmserve export` does: built aside, renamed into place in one step."""
+    staging = root.parent / f"staging-{name}-{version}"
+    build_model(staging, name, version=version, seed=seed)
+    if tamper is not None:
+        tamper(staging / name / str(version))
+    target = root / name / str(version)
+    (staging / name / str(version)).rename(target)
+    shutil.rmtree(staging)
+    return target

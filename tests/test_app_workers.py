@@ -8,6 +8,7 @@ TCP connection), never from the server itself."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client
 import json
 import shutil
@@ -22,10 +23,11 @@ import psutil
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.fixtures_app import app_repository, broken_repository  # noqa: F401 (fixtures)
+from tests.fixtures_app import add_version, app_repository, broken_repository, repo  # noqa: F401 (fixtures)
 from tests.media import audio_bytes, image_bytes
 from tests.test_app_api import make_client, wait_ready
 from tests.test_app_live import Server, free_port, hang_up_while_queued
+from tests.test_model_control import index
 from tests.test_oip_binary import binary_request, bytes_tensor, lp, split_response
 
 pytestmark = pytest.mark.slow
@@ -334,18 +336,129 @@ def test_frontend_dying_shuts_the_server_down(app_repository):  # noqa: F811
         s.stop()
 
 
-def test_model_control_is_refused_with_workers(app_repository):  # noqa: F811
-    import os
-    import subprocess
-    import sys
+def ask(conn: http.client.HTTPConnection, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+    """One request on a held keep-alive connection (so on the front-end that holds it): (status, JSON or None)."""
+    conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                 headers={"Content-Type": "application/json"} if body is not None else {})
+    r = conn.getresponse()
+    raw = r.read()
+    return r.status, (json.loads(raw) if raw else None)
 
-    from tests.test_app_live import ROOT
 
-    env = dict(os.environ, MMSERVE_REPOSITORY=str(app_repository), MMSERVE_WORKERS="2",
-               MMSERVE_MODEL_CONTROL="explicit", MMSERVE_PORT=str(free_port()), PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0
-    assert "MMSERVE_WORKERS=2" in r.stderr and "MMSERVE_MODEL_CONTROL=explicit" in r.stderr
+def served_version(conn: http.client.HTTPConnection, model: str, image: bytes | None = None
+                   ) -> tuple[int, int | None]:
+    """(status, version) of a /v1/classify request naming `model` on that connection (with `image`, base64)."""
+    body = {"text": "bob lives in london", "model": model}
+    if image is not None:
+        body["image"] = base64.b64encode(image).decode()
+    status, answer = ask(conn, "POST", "/v1/classify", body)
+    return status, answer.get("version") if status == 200 else None
+
+
+def test_model_control_load_and_unload_reach_every_frontend(repo):  # noqa: F811
+    """A load or unload asked of one front-end is served by every front-end as soon as it is answered (no wait)."""
+    s = all_ready(Server(repo, workers=2, model_control="explicit", max_batch_size=4))
+    try:
+        held = connections_per_frontend(s, 1)
+        (a,), (b,) = held.values()
+        ner = {"text": "bob lives in london", "model": "tiny-ner"}
+        assert ask(a, "POST", "/v2/repository/models/tiny-ner/unload") == (200, None)
+        for conn in (a, b):
+            status, body = ask(conn, "POST", "/v1/ner", ner)
+            assert status == 404 and body["error"]["code"] == "model_not_found", body
+            assert ask(conn, "GET", "/v2/models/tiny-ner/ready")[0] == 404
+            _, rows = ask(conn, "POST", "/v2/repository/index")
+            assert {"name": "tiny-ner", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"} in rows
+            assert [m["name"] for m in ask(conn, "GET", "/v1/models")[1]["models"]] == ["tiny-classify"]
+
+        assert ask(b, "POST", "/v2/repository/models/tiny-ner/load") == (200, None)
+        add_version(repo, "tiny-classify", 2, seed=7)
+        assert ask(b, "POST", "/v2/repository/models/tiny-classify/load") == (200, None)  # a hot reload
+        for conn in (a, b):
+            assert ask(conn, "POST", "/v1/ner", ner)[0] == 200
+            assert ask(conn, "GET", "/v2/models/tiny-ner/ready")[0] == 200
+            assert served_version(conn, "tiny-classify") == (200, 2)
+            assert ask(conn, "GET", "/v2/models/tiny-classify/versions/2/ready")[0] == 200
+            assert ask(conn, "GET", "/v1/models/tiny-classify")[1]["version"] == 2
+        for conn in (a, b):
+            conn.close()
+
+        status, body = ask(http.client.HTTPConnection("127.0.0.1", s.port, timeout=30), "POST",
+                           "/v2/repository/models/no-such-model/load")
+        assert status == 404 and "no-such-model" in body["error"]  # the engine's error, as in one process
+        deadline = time.monotonic() + 10  # version 1 drains in the engine, then leaves the index
+        while ("tiny-classify", "1") in index(s) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert set(index(s)) == {("tiny-classify", "2"), ("tiny-ner", "1")}
+        assert "tiny-classify:1 drained and closed" in s.logs()
+    finally:
+        s.stop()
+
+
+def test_hot_reload_under_load_on_both_frontends_loses_no_request(repo):  # noqa: F811
+    """Requests on both front-ends while the model is replaced twice: every one is answered (those running on the
+    old version too: it drains only after them), and after each load every front-end runs the new version.
+    Each request decodes a large image (~50 ms in its front-end): requests that chose the old version just
+    before a switch reach the engine well after its last batch on that version has run."""
+    s = all_ready(Server(repo, workers=2, model_control="explicit", delay_ms=20, max_batch_size=4))
+    stop = threading.Event()
+    answers: list[tuple[int, int, int | None]] = []  # (front-end pid, status, version)
+    png = image_bytes(color=(10, 200, 30), size=(2400, 1800), pattern=3)
+
+    def stream(pid: int, conn: http.client.HTTPConnection) -> None:
+        while not stop.is_set():
+            answers.append((pid, *served_version(conn, "tiny-classify", png)))
+
+    try:
+        held = connections_per_frontend(s, 2)
+        threads = [threading.Thread(target=stream, args=(pid, c)) for pid, cs in held.items() for c in cs]
+        for t in threads:
+            t.start()
+        control = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        try:
+            for version in (2, 3):
+                time.sleep(0.5)
+                add_version(repo, "tiny-classify", version, seed=6 + version)
+                assert ask(control, "POST", "/v2/repository/models/tiny-classify/load") == (200, None)
+                loaded = len(answers)
+                time.sleep(0.5)
+                for pid in held:  # sent after the load was answered: the new version, on each front-end
+                    assert {v for p, _, v in answers[loaded + 4:] if p == pid} == {version}, answers[loaded:]
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+            control.close()
+        statuses = [a[1] for a in answers]
+        assert statuses.count(200) == len(statuses), {code: statuses.count(code) for code in set(statuses)}
+        assert {v for _, _, v in answers} == {1, 2, 3}
+        assert "tiny-classify:1 drained and closed" in s.logs()
+    finally:
+        s.stop()
+
+
+def test_poll_mode_engine_reloads_and_every_frontend_follows(repo):  # noqa: F811
+    s = all_ready(Server(repo, workers=2, model_control="poll", poll_interval_s=0.2, max_batch_size=4))
+    try:
+        held = connections_per_frontend(s, 1)
+
+        def every_frontend(check, what: str) -> None:
+            for pid, (conn,) in held.items():
+                end = time.monotonic() + 30
+                while not check(conn):
+                    assert time.monotonic() < end, f"front-end {pid}: {what} not seen\n{s.logs()[-3000:]}"
+                    time.sleep(0.1)
+
+        add_version(repo, "tiny-classify", 2, seed=7)
+        every_frontend(lambda c: served_version(c, "tiny-classify") == (200, 2), "version 2 served")
+        assert index(s)[("tiny-classify", "2")]["state"] == "READY"
+        shutil.rmtree(repo / "tiny-ner")  # a model leaves the repository: unloaded everywhere
+        every_frontend(lambda c: ask(c, "GET", "/v2/models/tiny-ner/ready")[0] == 404, "tiny-ner gone")
+        for conn, in held.values():
+            assert ask(conn, "POST", "/v1/ner", {"text": "bob", "model": "tiny-ner"})[0] == 404
+            conn.close()
+    finally:
+        s.stop()
 
 
 def test_ipc_frames_carry_arrays_and_errors_across_a_socket():

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from app.core.model_control import is_loopback
-from tests.fixtures_app import build_model
+from tests.fixtures_app import add_version, build_model, repo  # noqa: F401 (repo: a fixture)
 from tests.media import image_bytes
 from tests.test_app_live import Server
 
@@ -27,27 +27,6 @@ PNG = image_bytes(color=(10, 200, 30), size=(640, 480), pattern=3)  # a few ms o
 
 
 # ------------------------------------------------------------------------------------ helpers
-@pytest.fixture()
-def repo(tmp_path) -> Path:
-    """A fresh repository per test: tiny-classify/1 and tiny-ner/1 (the tests add versions to it)."""
-    root = tmp_path / "repo"
-    build_model(root, "tiny-classify", version=1, seed=0)
-    build_model(root, "tiny-ner", version=1, seed=1)
-    return root
-
-
-def add_version(root: Path, name: str, version: int, seed: int, tamper=None) -> Path:
-    """Writes NAME/VERSION the way `mmserve export` does: built aside, renamed into place in one step."""
-    staging = root.parent / f"staging-{name}-{version}"
-    build_model(staging, name, version=version, seed=seed)
-    if tamper is not None:
-        tamper(staging / name / str(version))
-    target = root / name / str(version)
-    (staging / name / str(version)).rename(target)
-    shutil.rmtree(staging)
-    return target
-
-
 def corrupt_onnx(directory: Path) -> None:
     path = directory / "model.onnx"
     data = bytearray(path.read_bytes())
@@ -93,7 +72,7 @@ def classify(c: httpx.Client, text: str = "alice flew from paris", image: bytes 
 def servers():
     started: list[Server] = []
 
-    def start(repo: Path, **opts) -> Server:
+    def start(repo: Path, **opts) -> Server:  # noqa: F811
         s = Server(repo, **opts)
         started.append(s)
         return s
@@ -104,7 +83,7 @@ def servers():
 
 
 # ------------------------------------------------------------------------------------ tests
-def test_index_open_and_load_unload_refused_when_control_is_off(repo, servers):
+def test_index_open_and_load_unload_refused_when_control_is_off(repo, servers):  # noqa: F811
     server = servers(repo)  # MODEL_CONTROL defaults to none
     rows = index(server)
     assert rows[("tiny-classify", "1")] == {"name": "tiny-classify", "version": "1", "state": "READY", "reason": ""}
@@ -119,7 +98,7 @@ def test_index_open_and_load_unload_refused_when_control_is_off(repo, servers):
         assert c.post("/v1/ner", json={"text": "bob lives in london"}).status_code == 200
 
 
-def test_explicit_unload_then_load(repo, servers):
+def test_explicit_unload_then_load(repo, servers):  # noqa: F811
     server = servers(repo, model_control="explicit")
     client = triton(server)
     v2_ner = {"inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES", "data": ["bob lives in london"]}]}
@@ -156,7 +135,7 @@ def test_explicit_unload_then_load(repo, servers):
         assert c.post("/v2/repository/index", content=b"[1").status_code == 400
 
 
-def test_hot_reload_under_a_steady_stream_loses_no_request(repo, servers):
+def test_hot_reload_under_a_steady_stream_loses_no_request(repo, servers):  # noqa: F811
     server = servers(repo, model_control="explicit", delay_ms=3)
     stop = threading.Event()
     answers: list[tuple[float, float, int, int | None]] = []  # (sent, answered, status, version)
@@ -218,7 +197,7 @@ def test_hot_reload_under_a_steady_stream_loses_no_request(repo, servers):
 
 @pytest.mark.parametrize("tamper,reason", [(corrupt_onnx, "sha256 mismatch"),
                                            (wrong_labels, "manifest has 4 labels")])
-def test_a_broken_new_version_never_replaces_the_serving_one(repo, servers, tamper, reason):
+def test_a_broken_new_version_never_replaces_the_serving_one(repo, servers, tamper, reason):  # noqa: F811
     server = servers(repo, model_control="explicit")
     add_version(repo, "tiny-classify", 2, seed=7, tamper=tamper)
     with pytest.raises(InferenceServerException) as exc:
@@ -239,7 +218,7 @@ def test_a_broken_new_version_never_replaces_the_serving_one(repo, servers, tamp
     assert rows[("tiny-classify", "3")]["state"] == "READY" and ("tiny-classify", "2") not in rows
 
 
-def test_poll_mode_swaps_in_new_versions_and_models(repo, servers):
+def test_poll_mode_swaps_in_new_versions_and_models(repo, servers):  # noqa: F811
     server = servers(repo, model_control="poll", poll_interval_s=0.2)
 
     def wait_for(predicate, what: str, timeout: float = 30):
@@ -269,7 +248,7 @@ def test_poll_mode_swaps_in_new_versions_and_models(repo, servers):
         assert c.post("/v1/ner", json={"text": "bob", "model": "tiny-ner"}).status_code == 404
 
 
-def test_model_names_are_checked_against_the_repository(repo, servers):
+def test_model_names_are_checked_against_the_repository(repo, servers):  # noqa: F811
     # a real model directory just outside the repository: joining '../outside' would find it
     build_model(repo.parent, "outside", seed=3, task_spec=("ner", ["text"], ["text"], ["O", "B-PER"], False))
     server = servers(repo, model_control="explicit")
@@ -288,7 +267,7 @@ def test_model_names_are_checked_against_the_repository(repo, servers):
         triton(server).load_model("../outside")
 
 
-def test_control_needs_a_key_when_keys_are_set(repo, servers):
+def test_control_needs_a_key_when_keys_are_set(repo, servers):  # noqa: F811
     server = servers(repo, model_control="explicit", api_keys="s3cret")
     assert httpx.post(server.url + "/v2/repository/models/tiny-ner/unload").status_code == 401
     assert httpx.post(server.url + "/v2/repository/index").status_code == 401
@@ -305,7 +284,7 @@ def test_control_needs_a_key_when_keys_are_set(repo, servers):
     assert index(server, headers={"X-API-Key": "s3cret"})[("tiny-ner", "1")]["state"] == "READY"
 
 
-def test_control_refused_on_a_non_loopback_bind_unless_the_operator_opts_in(repo, servers):
+def test_control_refused_on_a_non_loopback_bind_unless_the_operator_opts_in(repo, servers):  # noqa: F811
     exposed = servers(repo, model_control="explicit", host="0.0.0.0")
     with pytest.raises(InferenceServerException) as exc:
         triton(exposed).unload_model("tiny-ner")
@@ -324,7 +303,7 @@ def test_loopback_addresses():
         assert not is_loopback(host), host
 
 
-def test_a_request_that_chose_a_replaced_version_runs_on_its_successor(repo):
+def test_a_request_that_chose_a_replaced_version_runs_on_its_successor(repo):  # noqa: F811
     """The core's guarantee behind every front-end: a request holding an entry that a hot reload replaced
     before the request reached `run_items` runs on the new version, and the old one drains after it."""
     import asyncio

@@ -1,10 +1,14 @@
 """Model control: the model repository extension (index, load, unload) and repository polling, with hot
 reload. Knows no HTTP; the front-ends (`app/v2_repository.py` for HTTP, the gRPC repository RPCs) call:
 
-    control.repository_index(ready_only=False) -> list of {"name", "version", "state", "reason"} (Triton's)
+    await control.repository_index(ready_only=False) -> list of {"name", "version", "state", "reason"}
     control.check_allowed(local_host=None)     raises ControlDisabled / ControlForbidden
-    await control.load(name)                   load or hot-reload a model; returns the serving ModelEntry
+    await control.load(name)                   load or hot-reload a model; returns once it serves
     await control.unload(name)                 stop serving a model; returns once it has drained
+
+With MMSERVE_WORKERS > 1 this class runs in the engine process, which owns the models; each front-end has a
+`RemoteControl` (`app/core/remote_control.py`) with the same interface that asks the engine, so the index and
+its answers are the engine's (hence `repository_index` is awaited).
 
 Modes (MODEL_CONTROL): `none` (every model is loaded at start-up; load / unload are refused), `explicit`
 (load / unload through the API), `poll` (the repository is watched every POLL_INTERVAL_S: a new version
@@ -130,7 +134,7 @@ class ModelControl:
         return models[name]
 
     # -- repository index ----------------------------------------------------------------------
-    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+    async def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """Triton's repository index: one row per model version the server knows of, as
         {"name", "version", "state", "reason"}; state READY, LOADING, UNLOADING or UNAVAILABLE (failed, with
         the reason, or not loaded: reason "unloaded"). A version that failed to replace the serving one is
@@ -164,10 +168,10 @@ class ModelControl:
         return [r for r in rows if r["state"] == "READY"] if ready_only else rows
 
     # -- load / unload -------------------------------------------------------------------------
-    async def load(self, name: str) -> ModelEntry:
+    async def load(self, name: str) -> None:
         """Load model `name` from the repository (its version pinned in MODEL_VERSIONS, else its latest), or
         hot-reload it when another version serves: the new one warms while the old one serves, then traffic
-        switches and the old one drains. A no-op when that version already serves. Returns the serving entry.
+        switches and the old one drains. A no-op when that version already serves. Returns once it serves.
 
         Raises ControlDisabled / ControlForbidden (see `check_allowed`), InvalidModelName, ModelNotFound (not
         in the repository), ModelLoadFailed (validation, loading or warm-up failed; a version that was serving
@@ -177,7 +181,7 @@ class ModelControl:
         await self._initial_loading_done()
         async with self._lock(name):
             self.unloaded.discard(name)
-            return await self._load(name, model_dir)
+            await self._load(name, model_dir)
 
     async def unload(self, name: str) -> None:
         """Stop serving model `name`: from now on requests naming it get ModelNotFound; those already running
@@ -196,7 +200,7 @@ class ModelControl:
                 log.info("unloading model %s:%s", name, old.version)
                 await self.registry.retire(old, self.drain_timeout_s)
 
-    async def _load(self, name: str, model_dir: Path) -> ModelEntry:
+    async def _load(self, name: str, model_dir: Path) -> None:
         if self.registry.draining:
             raise NotReady("server shutting down")
         target = version_entry(name, model_dir, self.registry.pinned.get(name))
@@ -204,7 +208,7 @@ class ModelControl:
         serving = current if current is not None and self.registry.is_ready(current) else None
         if serving is not None and serving.version == target.version:
             self.failures.pop(name, None)
-            return serving
+            return
         if target.state != FAILED:
             log.info("loading model %s:%s%s", name, target.version,
                      f" (hot reload: version {serving.version} serves meanwhile)" if serving else "")
@@ -222,7 +226,7 @@ class ModelControl:
                     log.info("model %s: version %s now serves; version %s drains", name, target.version,
                              old.version)
                     self._retire_later(old)
-                return target
+                return
         # failed: what serves keeps serving; the failure is listed by the index (and, when nothing serves,
         # the failed entry is published so requests and /v1/models say why)
         self.failures[name] = target

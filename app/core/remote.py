@@ -6,6 +6,13 @@ every change), each with the model's manifest and preprocessing loaded here (no 
 `entry.batcher`: the same interface as `Batcher` for the Service (submit / dispatch / depth / queue_size /
 max_delay_s / busy / last_progress / drain), backed by the engine's batcher of that model.
 
+The served set changes as the engine's does (model control, `app/core/engine.py`): a new entry (a new version,
+or a model loaded) is mirrored, its preprocessing loaded, then published here; the entry it replaces, or one the
+engine no longer serves, is retired here as `Registry` retires one (requests that chose it run on its successor;
+those already running on it are answered), and once its last request is answered the engine is told it may
+drain it ("release"). Each state is acknowledged once applied, so a load or unload is answered only when every
+front-end serves its outcome.
+
 When the engine connection is lost the front-end answers 503 (`not_ready`) to every model request, readiness
 turns false, and `on_lost` runs (the front-end process starts its own graceful shutdown).
 """
@@ -45,14 +52,22 @@ class RemoteRuntime:
         pass
 
 
+@dataclasses.dataclass(eq=False)
+class MirrorEntry(ModelEntry):
+    """A front-end's copy of one of the engine's entries, which the engine numbers (`serial`)."""
+
+    serial: int = 0
+
+
 class RemoteBatcher:
     """`entry.batcher` in a front-end: the engine's batcher of the same model version."""
 
-    def __init__(self, client: EngineClient, name: str, version: int | None, *, max_batch_size: int,
+    def __init__(self, client: EngineClient, name: str, version: int | None, serial: int, *, max_batch_size: int,
                  max_delay_s: float, queue_size: int):
         self.client = client
         self.name = name
         self.version = version
+        self.serial = serial  # the engine's number of this entry
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
@@ -84,7 +99,7 @@ class RemoteBatcher:
     def dispatch(self) -> None:
         if self._held:
             held, self._held = self._held, []
-            self.client.send(("submit", self.name, self.version, held))
+            self.client.send(("submit", (self.name, self.version, self.serial), held))
 
     def answered(self) -> None:
         self._outstanding -= 1
@@ -154,18 +169,26 @@ class EngineClient:
 
     async def statistics(self) -> Statistics:
         """The statistics extension's totals over the engine and every front-end."""
+        stats = Statistics()
+        stats.models.update(await self._ask("stats", timeout=5.0))
+        return stats
+
+    async def control(self, action: str, arg: Any) -> Any:
+        """One model control request run by the engine's ModelControl (`Engine._control`): "index" (arg:
+        ready_only) -> the rows; "load" / "unload" (arg: the model name) -> None, once every front-end serves the
+        outcome. Raises the core error the engine raised."""
+        return await self._ask("control", action, arg)
+
+    async def _ask(self, kind: str, *args: Any, timeout: float | None = None) -> Any:
         if not self.connected:
             raise NotReady("the engine process is gone")
         qid = next(self._rids)
         fut = self._queries[qid] = asyncio.get_running_loop().create_future()
-        self.send(("stats", qid))
+        self.send((kind, qid, *args))
         try:
-            models = await asyncio.wait_for(fut, 5.0)
+            return await asyncio.wait_for(fut, timeout)
         finally:
             self._queries.pop(qid, None)
-        stats = Statistics()
-        stats.models.update(models)
-        return stats
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -177,15 +200,16 @@ class EngineClient:
                 elif kind == "load":
                     self.registry.apply_load(message[1])
                 elif kind == "state":
-                    await self.registry.apply_state(message[1], self)
+                    await self.registry.apply_state(message[2], self)
+                    self.send(("state_ack", message[1]))
                     self.first_state.set()
                 elif kind == "stats_pull":
                     part = {name: s for name, s in self.registry.metrics.stats.models.items()}
                     self.send(("stats_part", message[1], part))
                 elif kind == "stats":
-                    fut = self._queries.get(message[1])
-                    if fut is not None and not fut.done():
-                        fut.set_result(message[2])
+                    self._reply(message[1], message[2], None)
+                elif kind == "control":
+                    self._reply(*message[1:])
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except asyncio.CancelledError:
@@ -194,6 +218,14 @@ class EngineClient:
             log.exception("front-end: engine connection broken")
         finally:
             self._lost()
+
+    def _reply(self, qid: int, result: Any, error: tuple | None) -> None:
+        fut = self._queries.get(qid)
+        if fut is not None and not fut.done():
+            if error is not None:
+                fut.set_exception(ipc.error_in(error))
+            else:
+                fut.set_result(result)
 
     def _answer(self, rid: int, value: Any, load: tuple) -> None:
         self.registry.apply_load({load[0]: load[1:]})
@@ -235,6 +267,8 @@ class FrontRegistry(Registry):
         super().__init__(repository, metrics, load=load, max_delay_s=max_delay_s, queue_size=queue_size,
                          strict_readiness=strict_readiness)
         self.client = EngineClient(engine_path, self)
+        self.drain_timeout_s = 30.0  # how long a retired entry's requests may run here (the engine's setting)
+        self._releases: set[asyncio.Task] = set()
 
     def scan(self) -> list[ModelEntry]:
         return []  # the engine scans; its entries arrive with its first snapshot
@@ -261,6 +295,9 @@ class FrontRegistry(Registry):
 
     async def drain(self, timeout: float) -> None:
         await super().drain(timeout)
+        for task in self._releases:  # closing the connection releases every entry at the engine
+            task.cancel()
+        await asyncio.gather(*self._releases, return_exceptions=True)
         await self.client.close()
 
     def apply_load(self, load: dict[str, tuple]) -> None:
@@ -270,23 +307,39 @@ class FrontRegistry(Registry):
                 entry.batcher.report(depth, busy, last_progress)
 
     async def apply_state(self, snapshot: dict[str, Any], client: EngineClient) -> None:
-        """Mirror the engine's entries: a new model (or version) gets its manifest and preprocessing loaded here
-        (off the event loop) before it counts as ready in this front-end."""
+        """Mirror the engine's entries: a new entry (model, version, or the same version loaded again) gets its
+        manifest and preprocessing loaded here (off the event loop) before it is published in this front-end;
+        an entry it replaces, or one the engine no longer serves, is retired (`_release`)."""
         self.max_delay_s, self.queue_size = snapshot["max_delay_s"], snapshot["queue_size"]
-        old = self.entries
-        entries: dict[str, ModelEntry] = {}
+        self.drain_timeout_s = snapshot["drain_timeout_s"]
         for m in snapshot["models"]:
-            entry = old.get(m["name"])
-            if entry is None or entry.version != m["version"]:
-                entry = ModelEntry(m["name"], m["version"], Path(m["directory"]) if m["directory"] else None)
+            current = self.entries.get(m["name"])
+            entry = current if isinstance(current, MirrorEntry) and current.serial == m["serial"] else MirrorEntry(
+                m["name"], m["version"], Path(m["directory"]) if m["directory"] else None, serial=m["serial"])
             await self._mirror(entry, m, client)
-            entries[entry.name] = entry
-        self.entries = entries
+            if entry is not current:
+                self._release_later(self.publish(entry), client)
+        served = {m["name"] for m in snapshot["models"]}
+        for name in [n for n in self.entries if n not in served]:
+            self._release_later(self.withdraw(name), client)
         self.loading_done = snapshot["loading_done"]
         if snapshot["leaving"]:
             self.leaving = True
 
-    async def _mirror(self, entry: ModelEntry, m: dict[str, Any], client: EngineClient) -> None:
+    def _release_later(self, old: ModelEntry | None, client: EngineClient) -> None:
+        if old is not None:
+            task = asyncio.get_running_loop().create_task(self._release(old, client),
+                                                          name=f"release-{old.name}-{old.version}")
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
+
+    async def _release(self, old: ModelEntry, client: EngineClient) -> None:
+        """Once the requests this front-end runs on a retired entry are answered, the engine may drain it."""
+        await self.retire(old, self.drain_timeout_s)
+        if client.connected and isinstance(old, MirrorEntry):
+            client.send(("release", old.serial))
+
+    async def _mirror(self, entry: MirrorEntry, m: dict[str, Any], client: EngineClient) -> None:
         before = (entry.state, entry.reason, entry.runtime)
         for key in ("reason", "max_batch_size", "batch_size_source", "batch_calibration", "load_seconds",
                     "warmup_seconds"):
@@ -310,10 +363,11 @@ class FrontRegistry(Registry):
                 state, entry.reason = FAILED, f"preprocessing failed in a front-end: {type(exc).__name__}: {exc}"
         entry.state = state
         if state == READY and entry.batcher is None:
-            entry.batcher = RemoteBatcher(client, entry.name, entry.version, max_batch_size=entry.max_batch_size,
-                                          max_delay_s=self.max_delay_s, queue_size=self.queue_size)
+            entry.batcher = RemoteBatcher(client, entry.name, entry.version, entry.serial,
+                                          max_batch_size=entry.max_batch_size, max_delay_s=self.max_delay_s,
+                                          queue_size=self.queue_size)
         if (entry.state, entry.reason, entry.runtime) != before:
             self._info(entry)
 
 
-__all__ = ["EngineClient", "FrontRegistry", "RemoteBatcher", "RemoteRuntime"]
+__all__ = ["EngineClient", "FrontRegistry", "MirrorEntry", "RemoteBatcher", "RemoteRuntime"]
