@@ -6,8 +6,9 @@ The same FastAPI app and DrainingServer as one process, on the listening socket 
 (fd N, shared by every front-end: the kernel spreads connections over them), with a `FrontRegistry` whose
 models live in the engine behind SOCKET (`app/core/remote.py`). Settings come from the same MMSERVE_* environment.
 SIGTERM drains exactly as one process does; losing the engine starts that same drain (every model request is
-answered 503 meanwhile). gRPC, when GRPC_PORT is set, is served by front-end 0 alone (its requests still join
-the engine's batches with everyone else's).
+answered 503 meanwhile). gRPC, when GRPC_PORT is set, is served by every front-end on that port: each binds it
+with SO_REUSEPORT and the kernel spreads connections over them, as it does HTTP connections over the shared
+listening socket (the engine has checked at start-up that no other program holds the port: `app/workers.py`).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m app.frontend")
     parser.add_argument("--fd", type=int, required=True, help="the inherited listening socket")
     parser.add_argument("--engine", required=True, help="the engine's Unix socket")
-    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--index", type=int, default=0, help="which front-end this is (for ps and its operator)")
     args = parser.parse_args(argv)
 
     from app.__main__ import build_server
@@ -31,8 +32,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     from app.settings import Settings
 
     settings = Settings()
-    if args.index > 0:  # gRPC (GRPC_PORT) is served by the first front-end only: a busy port stays an error
-        settings = settings.model_copy(update={"grpc_port": 0})
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings, engine_path=args.engine)
     server = build_server(app, settings)

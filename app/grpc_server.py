@@ -247,12 +247,16 @@ class GrpcServer:
     """The gRPC server of one app: `await start()` in the lifespan, `await stop(grace)` at shutdown."""
 
     def __init__(self, service: Service, *, host: str, port: int, backend: str, max_batch_items: int,
-                 max_message_bytes: int, api_keys: list[str]):
+                 max_message_bytes: int, api_keys: list[str], shared_port: bool = False):
+        """`shared_port`: one of the front-ends of MMSERVE_WORKERS > 1, which all listen on the port with
+        SO_REUSEPORT (the kernel spreads connections over them); the engine has checked that no other program
+        holds it (`app/workers.py`). Otherwise SO_REUSEPORT is off (grpcio turns it on by default): a port another
+        program holds is an error, not a silently shared one."""
         self.service = service
         self.address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
         self.options = [("grpc.max_receive_message_length", max_message_bytes),
                         ("grpc.max_send_message_length", max_message_bytes),
-                        ("grpc.so_reuseport", 0)]  # a busy port is an error, not a silently shared one
+                        ("grpc.so_reuseport", 1 if shared_port else 0)]
         self.servicer = InferenceServicer(service, backend=backend, max_batch_items=max_batch_items)
         self.interceptors = [ApiKeyInterceptor(api_keys)] if api_keys else []
         self.server: grpc.aio.Server | None = None

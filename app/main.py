@@ -96,7 +96,8 @@ def create_app(settings: Settings | None = None, engine_path: str | None = None)
 
             grpc_server = GrpcServer(service, host=settings.host, port=settings.grpc_port, backend=settings.backend,
                                      max_batch_items=settings.max_batch_items,
-                                     max_message_bytes=settings.max_upload_bytes, api_keys=settings.api_keys)
+                                     max_message_bytes=settings.max_upload_bytes, api_keys=settings.api_keys,
+                                     shared_port=settings.workers > 1)
             await grpc_server.start()
         app.state.grpc = grpc_server
         loader = asyncio.create_task(registry.load_all(), name="model-loader")

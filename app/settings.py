@@ -175,7 +175,8 @@ class Settings(BaseSettings):
         ge=0,
         le=65535,
         description="Port of the gRPC front-end (Open Inference Protocol `inference.GRPCInferenceService`, as "
-        "Triton's), bound on HOST in the same process; 0 turns it off. Messages are limited to MAX_UPLOAD_BYTES.",
+        "Triton's), bound on HOST in the same process (with WORKERS > 1, by every front-end); 0 turns it off. "
+        "Messages are limited to MAX_UPLOAD_BYTES.",
     )
     drain_period_s: float = Field(
         5.0,

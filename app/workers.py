@@ -37,6 +37,27 @@ log = logging.getLogger("mmserve.workers")
 KILL_AFTER_S = 15.0  # past DRAIN_PERIOD_S + SHUTDOWN_TIMEOUT_S, a front-end still running is killed
 
 
+def check_grpc_port(host: str, port: int) -> None:
+    """Refuse to start when another program holds the gRPC port (GRPC_PORT).
+
+    Every front-end serves gRPC on that port, each binding it with SO_REUSEPORT (grpcio cannot be handed a socket,
+    so the port cannot be bound once here and inherited as the HTTP one is). SO_REUSEPORT would also let the
+    front-ends silently join another program's listener on the port, when that program uses it too (grpcio does
+    by default, so another gRPC server of this user would). So the port is first bound here the way one process
+    binds it, shared with nobody (SO_REUSEADDR as grpcio, no SO_REUSEPORT): any listener on it makes that fail
+    with a clear error before a front-end starts. The probe is closed before the front-ends bind: a program that
+    takes the port in that second or so without SO_REUSEPORT makes a front-end's bind fail (the server exits 1
+    with the reason); only one that binds with SO_REUSEPORT in just that second could still be joined."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpcio: connections in TIME_WAIT are fine
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise SystemExit(f"MMSERVE_GRPC_PORT={port}: cannot bind {host}:{port} for gRPC ({exc.strerror}): "
+                             "another program holds it; choose another port, or 0 to turn gRPC off") from None
+
+
 def run_workers(settings: Settings, overrides: dict[str, Any]) -> int:
     """Serve until SIGTERM; the exit code (0: a clean shutdown)."""
     if settings.intra_op_threads == 0:  # one runtime thread per core would fight the front-ends for every core
@@ -53,6 +74,8 @@ def run_workers(settings: Settings, overrides: dict[str, Any]) -> int:
             from prometheus_client import values
 
             values.ValueClass = values.get_value_class()
+        if settings.grpc_port:
+            check_grpc_port(settings.host, settings.grpc_port)
         family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         listener = socket.create_server((settings.host, settings.port), family=family, backlog=2048)
         listener.set_inheritable(True)

@@ -22,6 +22,7 @@ import numpy as np
 import psutil
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from tests.fixtures_app import add_version, app_repository, broken_repository, repo  # noqa: F401 (fixtures)
 from tests.media import audio_bytes, image_bytes
@@ -459,6 +460,79 @@ def test_poll_mode_engine_reloads_and_every_frontend_follows(repo):  # noqa: F81
             conn.close()
     finally:
         s.stop()
+
+
+def grpc_on_each_frontend(server: Server, port: int, call) -> dict[int, object]:
+    """`call(client)` on fresh gRPC connections until each front-end has answered one (which one did is read from
+    the operating system, as `owner`): {front-end pid: what `call` returned there}."""
+    procs = frontends(server)
+    answers: dict[int, object] = {}
+    for _ in range(50):
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}",  # a connection of its own, not a shared one
+                                                  channel_args=[("grpc.use_local_subchannel_pool", 1)])
+        try:
+            result = call(client)
+            mine = [c.laddr.port for c in psutil.Process().net_connections(kind="tcp")
+                    if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED]
+            assert len(mine) == 1, mine
+            pid = owner(procs, mine[0])
+            assert pid is not None
+            answers[pid] = result
+        finally:
+            client.close()
+        if len(answers) == len(procs):
+            return answers
+    raise AssertionError(f"gRPC answered by {sorted(answers)} only, of {[p.pid for p in procs]}")
+
+
+def test_grpc_is_served_by_every_frontend(repo):  # noqa: F811
+    port = free_port()
+    s = all_ready(Server(repo, workers=2, grpc_port=port, model_control="explicit", max_batch_size=4))
+    try:
+        def infer(client) -> list[float]:
+            t = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
+            t.set_data_from_numpy(np.array([[b"bob lives in london"]], dtype=object))
+            return client.infer("tiny-classify", [t]).as_numpy("SCORES")[0].tolist()
+
+        scores = list(grpc_on_each_frontend(s, port, infer).values())
+        assert scores[0] == pytest.approx(scores[1], rel=1e-6)
+        # model control over gRPC, asked of one front-end: every front-end serves the outcome at once
+        def ner_ready(client) -> bool | str:
+            try:
+                return client.is_model_ready("tiny-ner")
+            except InferenceServerException as exc:
+                return exc.status()
+
+        grpc_on_each_frontend(s, port, lambda c: c.unload_model("tiny-ner"))
+        assert list(grpc_on_each_frontend(s, port, ner_ready).values()) == ["StatusCode.NOT_FOUND"] * 2
+        grpc_on_each_frontend(s, port, lambda c: c.load_model("tiny-ner"))
+        assert list(grpc_on_each_frontend(s, port, ner_ready).values()) == [True, True]
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["plain", "so_reuseport"])
+def test_a_grpc_port_held_by_another_program_stops_start_up(app_repository, reuse_port):  # noqa: F811
+    """Another program listening on GRPC_PORT, even one that would share it (SO_REUSEPORT, as grpcio's default):
+    the server refuses to start and says why, instead of sharing the port with it."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.test_app_live import ROOT
+
+    port = free_port()
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(reuse_port))
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        env = dict(os.environ, MMSERVE_REPOSITORY=str(app_repository), MMSERVE_WORKERS="2", MMSERVE_HOST="127.0.0.1",
+                   MMSERVE_GRPC_PORT=str(port), MMSERVE_PORT=str(free_port()), PYTHONPATH=str(ROOT))
+        r = subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert r.returncode != 0
+    assert f"MMSERVE_GRPC_PORT={port}" in r.stderr and "another program holds it" in r.stderr, r.stderr
 
 
 def test_ipc_frames_carry_arrays_and_errors_across_a_socket():
