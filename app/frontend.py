@@ -6,9 +6,12 @@ The same FastAPI app and DrainingServer as one process, on the listening socket 
 (fd N, shared by every front-end: the kernel spreads connections over them), with a `FrontRegistry` whose
 models live in the engine behind SOCKET (`app/core/remote.py`). Settings come from the same MMSERVE_* environment.
 SIGTERM drains exactly as one process does; losing the engine starts that same drain (every model request is
-answered 503 meanwhile). gRPC, when GRPC_PORT is set, is served by every front-end on that port: each binds it
-with SO_REUSEPORT and the kernel spreads connections over them, as it does HTTP connections over the shared
-listening socket (the engine has checked at start-up that no other program holds the port: `app/workers.py`).
+answered 503 meanwhile), and the last front-end to exit after the engine was killed removes the server's private
+directory, where SOCKET lives (`app/private_dir.py`).
+
+gRPC, when GRPC_PORT is set, is served by every front-end on that port: each binds it with SO_REUSEPORT and the
+kernel spreads connections over them, as it does HTTP connections over the shared listening socket (the engine
+has checked at start-up that no other program holds the port: `app/workers.py`).
 """
 from __future__ import annotations
 
@@ -16,28 +19,34 @@ import argparse
 import os
 import signal
 import socket
+from pathlib import Path
 from typing import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m app.frontend")
     parser.add_argument("--fd", type=int, required=True, help="the inherited listening socket")
-    parser.add_argument("--engine", required=True, help="the engine's Unix socket")
+    parser.add_argument("--engine", required=True, help="the engine's Unix socket, in the private directory")
     parser.add_argument("--index", type=int, default=0, help="which front-end this is (for ps and its operator)")
     args = parser.parse_args(argv)
 
     from app.__main__ import build_server
     from app.logging import configure_logging
     from app.main import create_app
+    from app.private_dir import PrivateDir
     from app.settings import Settings
 
-    settings = Settings()
-    configure_logging(settings.log_level, settings.log_format)
-    app = create_app(settings, engine_path=args.engine)
-    server = build_server(app, settings)
-    app.state.service.registry.client.on_lost = lambda: os.kill(os.getpid(), signal.SIGTERM)
-    server.listener = socket.socket(fileno=args.fd)
-    server.run(sockets=[server.listener.dup()])
+    private = PrivateDir(Path(args.engine).parent)
+    try:
+        settings = Settings()
+        configure_logging(settings.log_level, settings.log_format)
+        app = create_app(settings, engine_path=args.engine)
+        server = build_server(app, settings)
+        app.state.service.registry.client.on_lost = lambda: os.kill(os.getpid(), signal.SIGTERM)
+        server.listener = socket.socket(fileno=args.fd)
+        server.run(sockets=[server.listener.dup()])
+    finally:
+        private.leave()
 
 
 if __name__ == "__main__":

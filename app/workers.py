@@ -12,7 +12,9 @@ a fresh interpreter, nothing inherited from this process's threads or runtimes).
 Stop (SIGTERM / SIGINT): readiness turns false everywhere, each front-end gets SIGTERM and drains as one process
 does (`app/server.py`: drain period, backlog answered 503, in-flight requests answered), and once they have all
 exited the engine drains its batchers and exits 0. A front-end that exits on its own is logged and the whole
-server shuts down the same way (exit 1): the orchestrator restarts the pod, nothing is left half-served.
+server shuts down the same way (exit 1): the orchestrator restarts the pod, nothing is left half-served. The
+private directory goes with the engine; if the engine is killed outright, with its last front-end
+(`app/private_dir.py`).
 
 Model control (MODEL_CONTROL explicit / poll) runs in the engine, which owns the models: the repository poller,
 and every load / unload a front-end forwards; front-ends follow the engine's state (`app/core/engine.py`).
@@ -22,14 +24,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
+from app.private_dir import PrivateDir
 from app.settings import Settings
 
 log = logging.getLogger("mmserve.workers")
@@ -65,9 +65,9 @@ def run_workers(settings: Settings, overrides: dict[str, Any]) -> int:
         settings = settings.model_copy(update={"intra_op_threads": max(1, cores - settings.workers)})
         log.info("INTRA_OP_THREADS=0 with WORKERS=%d on %d core(s): the engine's runtimes use %d thread(s)",
                  settings.workers, cores, settings.intra_op_threads)
-    private = Path(tempfile.mkdtemp(prefix="mmserve-workers-"))  # 0700
+    private = PrivateDir.create()
     try:
-        metrics_dir = private / "metrics"
+        metrics_dir = private.path / "metrics"
         metrics_dir.mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         if "prometheus_client" in sys.modules:  # imported already (not by mmserve): values must go to the files
@@ -80,9 +80,9 @@ def run_workers(settings: Settings, overrides: dict[str, Any]) -> int:
         listener = socket.create_server((settings.host, settings.port), family=family, backlog=2048)
         listener.set_inheritable(True)
         env = dict(os.environ, **{f"MMSERVE_{k.upper()}": str(v) for k, v in overrides.items()})
-        return asyncio.run(_supervise(settings, listener, str(private / "engine.sock"), env))
+        return asyncio.run(_supervise(settings, listener, str(private.path / "engine.sock"), env))
     finally:
-        shutil.rmtree(private, ignore_errors=True)
+        private.remove()
 
 
 async def _supervise(settings: Settings, listener: socket.socket, engine_path: str, env: dict[str, str]) -> int:

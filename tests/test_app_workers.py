@@ -90,6 +90,12 @@ def connections_per_frontend(server: Server, n: int) -> dict[int, list[http.clie
     return held
 
 
+def private_dir(procs: list[psutil.Process]) -> Path:
+    """The server's private directory (engine socket, metrics files), from a front-end's command line."""
+    cmdline = procs[0].cmdline()
+    return Path(cmdline[cmdline.index("--engine") + 1]).parent
+
+
 def all_ready(server: Server) -> Server:
     """Wait until each front-end (asked on a connection it holds) answers /readyz 200: the server's own start-up
     check reached one of them. A server that never gets there is stopped (no process left behind)."""
@@ -259,6 +265,7 @@ def test_queue_full_then_sigterm_under_load(app_repository):  # noqa: F811
 
         # SIGTERM with requests in flight on both front-ends: each is answered, everything exits 0
         held = connections_per_frontend(s, 1)
+        private = private_dir(procs)
         conns, threads, out = post_on(held, "last")
         time.sleep(0.1)  # both requests are at the engine (one batch runs DELAY_MS)
         s.proc.send_signal(signal.SIGTERM)
@@ -269,6 +276,7 @@ def test_queue_full_then_sigterm_under_load(app_repository):  # noqa: F811
         for p in procs:
             assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, p
         assert "front-ends gone" in s.logs()
+        assert not private.exists()
     finally:
         s.stop()
 
@@ -312,7 +320,8 @@ def test_engine_dying_answers_503_and_frontends_exit(app_repository):  # noqa: F
         assert (f"INTRA_OP_THREADS=0 with WORKERS=2 on {cores} core(s): the engine's runtimes use "
                 f"{max(1, cores - 2)} thread(s)") in s.logs()
         procs = frontends(s)
-        private = Path(procs[0].cmdline()[procs[0].cmdline().index("--engine") + 1]).parent
+        private = private_dir(procs)
+        assert (private / "engine.sock").exists()
         s.proc.kill()  # the engine process, with its models (it cannot remove its private directory)
         s.proc.wait(10)
         time.sleep(0.3)
@@ -320,9 +329,9 @@ def test_engine_dying_answers_503_and_frontends_exit(app_repository):  # noqa: F
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready", r.text
         assert httpx.get(s.url + "/readyz", timeout=10).status_code == 503
         assert gone(procs), [p.pid for p in procs]
+        assert not private.exists()  # removed by the last front-end out
     finally:
         s.stop()
-        shutil.rmtree(private, ignore_errors=True)
 
 
 def test_frontend_dying_shuts_the_server_down(app_repository):  # noqa: F811
