@@ -74,6 +74,14 @@ class _SlowClientTimeouts:
         if self._busy():
             self._head.clear()
             return None
+        if not self._head:  # the usual case: the whole head in this read, checked in place (no copy of the body)
+            end = data.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
+            if end >= 0:
+                if end > MAX_HEAD_BYTES:
+                    return f"request head larger than {MAX_HEAD_BYTES} bytes"
+                if data.count(b"\n", 0, end) > MAX_HEADERS:
+                    return f"more than {MAX_HEADERS} header fields"
+                return None
         seen = len(self._head)
         self._head += data[: MAX_HEAD_BYTES + 4 - seen] if seen < MAX_HEAD_BYTES + 4 else b""
         end = self._head.find(b"\r\n\r\n")

@@ -64,14 +64,22 @@ class Engine:
         self.labels = list(self.manifest.labels)
 
     def features(self, text: str | None, image: bytes | None, audio: bytes | None):
+        return self.features_many([{"text": text, "image": image, "audio": audio}])[0]
+
+    def features_many(self, items: list[dict]) -> list:
+        """Features of several records stage by stage (every text, then every image, then every clip), as mmserve's
+        preprocessing pool runs the items it takes together (app/core/preprocess.py `prepare_many`): the limit
+        gets the same saving (item by item costs about a quarter more CPU on the tiny model)."""
         from models.preprocessing import Features
 
-        f = self.pre.encode_text(text) if text is not None else Features()
-        if image is not None:
-            f.pixel_values = self.pre.image_from_bytes(image)
-        if audio is not None:
-            f.audio_features = self.pre.audio_from_bytes(audio)
-        return f
+        feats = [self.pre.encode_text(it["text"]) if it["text"] is not None else Features() for it in items]
+        for f, it in zip(feats, items):
+            if it["image"] is not None:
+                f.pixel_values = self.pre.image_from_bytes(it["image"])
+        for f, it in zip(feats, items):
+            if it["audio"] is not None:
+                f.audio_features = self.pre.audio_from_bytes(it["audio"])
+        return feats
 
     def infer(self, feats: list) -> np.ndarray:
         from models.preprocessing import collate
@@ -89,6 +97,6 @@ class Engine:
         return [pp.top_k(row, self.labels, k) for row in scores]
 
     def run_requests(self, items: list[dict]) -> list[list[dict]]:
-        """Bytes to answers for one batch: decode + preprocess each, collate, one inference, top-k."""
-        feats = [self.features(it["text"], it["image"], it["audio"]) for it in items]
+        """Bytes to answers for one batch: decode + preprocess (stage by stage), collate, one inference, top-k."""
+        feats = self.features_many(items)
         return self.predictions(self.infer(feats))

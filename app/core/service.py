@@ -18,7 +18,7 @@ from app.core.items import Item
 from app.core.loading import ModelEntry
 from app.core.registry import Registry
 from app.core.stats import Statistics
-from app.core.workers import LoopWorkers
+from app.core.workers import GroupedWorkers
 from app.metrics import Metrics
 from app.tasks import Task
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from app.core.model_control import ModelControl
 
 log = logging.getLogger("mmserve.service")
+PREPROCESS_GROUP = 8  # most items one preprocessing thread takes at once (8: 0.80 ms an item, 16: 0.77, 1: 0.99)
 STALL_MIN_S = 1.0  # shortest wait that can count towards marking a model hung (Service._health)
 
 
@@ -59,7 +60,7 @@ class Service:
         self.preprocess_workers = preprocess_workers
         self.request_timeout_s = request_timeout_s
         self.unhealthy_after_timeouts = unhealthy_after_timeouts
-        self.pool: LoopWorkers | None = None
+        self.pool: GroupedWorkers | None = None
         self.inflight = 0
         self.answered = 0  # requests answered since start (whatever their status)
         self._idle = asyncio.Event()
@@ -68,7 +69,9 @@ class Service:
         self.statistics_source: Callable[[], Awaitable[Statistics]] | None = None
 
     def start(self) -> None:
-        self.pool = LoopWorkers(self.preprocess_workers, "preprocess")
+        # items queued while a thread was busy are preprocessed together, stage by stage (`preprocess.prepare_many`)
+        self.pool = GroupedWorkers(self.preprocess_workers, "preprocess", preprocess.prepare_many,
+                                   max_group=PREPROCESS_GROUP)
         self._idle = asyncio.Event()
         self._idle.set()
         if self.control is not None:
@@ -127,8 +130,7 @@ class Service:
     async def _prepare(self, entry: ModelEntry, task: Task, item: Item) -> tuple[Prepared, float]:
         assert self.pool is not None
         t0 = time.perf_counter()  # (the worker runs it in a copy of this context: request id in its log lines)
-        prepared = await self.pool.submit(asyncio.get_running_loop(), preprocess.prepare, entry, task, item,
-                                          self.metrics)
+        prepared = await self.pool.submit(asyncio.get_running_loop(), entry, task, item, self.metrics)
         seconds = time.perf_counter() - t0
         self.metrics.stats.model(entry.name).compute_input.add(seconds)
         return prepared, seconds
