@@ -16,7 +16,6 @@ import json
 import os
 import pickle
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,26 +24,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench import report as rep
+from bench.cores import default_split, own_cpu_seconds, parse_cpus
 from bench.workload import BENCH_DIR, ROOT, build_requests, resolve
 
 SYSTEMS = ("mmserve", "nobatch", "litserve")
-
-
-def _cpus(spec: str | None, default: set[int]) -> set[int]:
-    if not spec:
-        return default
-    out: set[int] = set()
-    for part in spec.split(","):
-        a, _, b = part.partition("-")
-        out.update(range(int(a), int(b or a) + 1))
-    return out
-
-
-def default_split() -> tuple[set[int], set[int]]:
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        return set(cpus), set(cpus)
-    return set(cpus[1:]), {cpus[0]}  # client: the first core; servers: the rest
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -111,24 +94,6 @@ def _metrics_batch(url: str, model: str) -> tuple[float, float] | None:
     return (s or 0.0, c or 0.0)
 
 
-def _cpu_seconds(server) -> float:
-    import psutil
-
-    total = 0.0
-    for pid in server.pids():
-        try:
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
-
-
-def _own_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 async def _measure_point(server, wl, c: int, n: int, is_mmserve: bool) -> dict:
     from bench.loadgen import run_point
 
@@ -146,11 +111,11 @@ async def _measure_point(server, wl, c: int, n: int, is_mmserve: bool) -> dict:
     # warm-up (not counted): opens the connections, touches every code path; CPU accounting starts after it
     await run_point(server.url + server.predict_path, wl.bodies, wl.content_type, c, max(1, min(2 * c, n // 8)))
     before = _metrics_batch(server.url, wl.model) if is_mmserve else None
-    cpu0, own0, t0 = _cpu_seconds(server), _own_cpu(), time.perf_counter()
+    cpu0, own0, t0 = server.cpu_seconds(), own_cpu_seconds(), time.perf_counter()
     sampler = asyncio.create_task(sample())
     res = await run_point(server.url + server.predict_path, wl.bodies, wl.content_type, c, n)
     wall = time.perf_counter() - t0
-    cpu1, own1 = _cpu_seconds(server), _own_cpu()
+    cpu1, own1 = server.cpu_seconds(), own_cpu_seconds()
     stop.set()
     await sampler
     out = res.summary()
@@ -261,17 +226,6 @@ def run_workload(wl, args, systems, concurrency, server_cpus, threads, log_dir, 
     return result
 
 
-def _versions(backend: str = "onnx") -> dict:
-    out = {"python": platform.python_version()}
-    for mod in ("onnxruntime", "litserve", "fastapi", "uvicorn", "aiohttp", "numpy") + (
-            ("torch",) if backend == "torchscript" else ()):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            out[mod] = None
-    return out
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -301,8 +255,8 @@ def main(argv=None) -> int:
             skipped_systems.append("LitServe peer: litserve is not installed (pip install -e '.[bench]')")
             log(f"bench: {skipped_systems[-1]}; skipping it")
     d_server, d_client = default_split()
-    server_cpus = _cpus(args.server_cpus, d_server)
-    client_cpus = _cpus(args.client_cpus, d_client)
+    server_cpus = parse_cpus(args.server_cpus, d_server)
+    client_cpus = parse_cpus(args.client_cpus, d_client)
     threads = args.threads or min(len(server_cpus), 8)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     name = args.name or f"{'quick' if args.quick else args.device.split(':')[0]}-{stamp}"
@@ -325,7 +279,7 @@ def main(argv=None) -> int:
                  "machine": f"{platform.node()} {os.cpu_count()} cpus", "device": args.device,
                  "server_cpus": sorted(server_cpus), "client_cpus": sorted(client_cpus), "threads": threads,
                  "loadavg_at_start": [round(x, 2) for x in load], "quick": args.quick,
-                 "backend": args.backend, "versions": _versions(args.backend),
+                 "backend": args.backend, "versions": rep.versions(args.backend),
                  "max_batch_size": args.max_batch_size, "peer_batch_timeout_s": args.peer_batch_timeout,
                  "distinct_requests": args.distinct, "argv": sys.argv[1:] if argv is None else list(argv),
                  "note": args.note},

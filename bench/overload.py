@@ -372,10 +372,10 @@ def main(argv=None) -> int:
     p.add_argument("--note", default="", help="a line for the report (e.g. what else ran on the machine)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload")
     a = p.parse_args(argv)
-    from bench.__main__ import _cpus, default_split
+    from bench.cores import default_split, parse_cpus
 
     d_server, d_client = default_split()
-    server_cpus, client_cpus = _cpus(a.server_cpus, d_server), _cpus(a.client_cpus, d_client)
+    server_cpus, client_cpus = parse_cpus(a.server_cpus, d_server), parse_cpus(a.client_cpus, d_client)
     os.sched_setaffinity(0, client_cpus)
     report: dict = {"meta": {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                              "machine": f"{os.uname().nodename} {os.cpu_count()} cpus",

@@ -169,7 +169,7 @@ async def _profile(server, wl, concurrency: int, seconds: float, rate: int, svg:
 
 def main(argv=None) -> int:
     from bench import servers
-    from bench.__main__ import _cpus, default_split
+    from bench.cores import default_split, parse_cpus
 
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.splitlines()[0])
     p.add_argument("--name", default="tiny", help="result name: bench/results/profile-NAME.{svg,txt.gz,md}")
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     if not os.path.exists(py_spy):
         raise SystemExit("bench.profile: needs py-spy: pip install -e '.[bench]'")
     d_server, d_client = default_split()
-    server_cpus, client_cpus = _cpus(a.server_cpus, d_server), _cpus(a.client_cpus, d_client)
+    server_cpus, client_cpus = parse_cpus(a.server_cpus, d_server), parse_cpus(a.client_cpus, d_client)
     (wl,), skipped = resolve([a.workload], demo_repo=None, rebuild=False, log=log)
     build_requests(wl, 64, log=log)
     os.sched_setaffinity(0, client_cpus)

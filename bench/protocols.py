@@ -140,7 +140,7 @@ def _summary(results: list[PointResult], cpu: dict) -> dict:
 
 def measure_protocols(wl, args, server_cpus, threads, log_dir, log) -> dict:
     from bench import servers
-    from bench.__main__ import _cpu_seconds, _own_cpu
+    from bench.cores import own_cpu_seconds
 
     grpc_port = servers.free_port()
     srv = servers.mmserve(wl.repository_view(), name=f"protocols-{wl.name}", max_batch_size="auto", threads=threads,
@@ -165,11 +165,11 @@ def measure_protocols(wl, args, server_cpus, threads, log_dir, log) -> dict:
             for r in range(rounds):
                 order = PROTOCOLS[r % len(PROTOCOLS):] + PROTOCOLS[: r % len(PROTOCOLS)]
                 for proto in order:
-                    s0, o0, t0 = _cpu_seconds(srv), _own_cpu(), time.perf_counter()
+                    s0, o0, t0 = srv.cpu_seconds(), own_cpu_seconds(), time.perf_counter()
                     res = asyncio.run(asyncio.wait_for(_point(srv, target, wl.model, enc[proto], proto, c, n), 600))
                     wall = time.perf_counter() - t0
-                    cpu[proto][0] += _cpu_seconds(srv) - s0
-                    cpu[proto][1] += _own_cpu() - o0
+                    cpu[proto][0] += srv.cpu_seconds() - s0
+                    cpu[proto][1] += own_cpu_seconds() - o0
                     cpu[proto][2] += wall
                     runs[proto].append(res)
                     log(f"bench: [{wl.name}] {LABELS[proto]:20s} c={c:<3d} round {r + 1}: {res.ok / res.seconds:7.1f} req/s"

@@ -199,13 +199,36 @@ def compare_markdown(before: dict, after: dict) -> list[str]:
     return out
 
 
-def chart(report: dict, path: Path) -> Path | None:
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None where matplotlib is missing (reports go without a
+    chart then)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def versions(backend: str = "onnx") -> dict:
+    """The versions of what a serving measurement depends on (torch only where it serves: --backend torchscript)."""
+    import platform
+
+    out = {"python": platform.python_version()}
+    for mod in ("onnxruntime", "litserve", "fastapi", "uvicorn", "aiohttp", "numpy") + (
+            ("torch",) if backend == "torchscript" else ()):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            out[mod] = None
+    return out
+
+
+def chart(report: dict, path: Path) -> Path | None:
+    plt = pyplot()
+    if plt is None:
         return None
     wls = report["workloads"]
     if not wls:

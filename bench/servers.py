@@ -204,6 +204,24 @@ class Server:
         except psutil.Error:
             return []
 
+    def cpu_by_process(self) -> dict[int, float]:
+        """User + system CPU seconds of each live process of the server's tree (the root first): with
+        MMSERVE_WORKERS > 1 the root is the engine and its children the front-ends, LitServe runs workers."""
+        import psutil
+
+        out = {}
+        for pid in self.pids():
+            try:
+                t = psutil.Process(pid).cpu_times()
+                out[pid] = t.user + t.system
+            except psutil.Error:
+                pass
+        return out
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds of the server's whole process tree so far (take the difference around a measurement)."""
+        return sum(self.cpu_by_process().values())
+
     def rss_bytes(self) -> int:
         """Resident memory of the server's whole process tree (LitServe runs several processes)."""
         import psutil
