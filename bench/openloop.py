@@ -20,6 +20,9 @@ ended: the client or its pool, not the server, was short). A connection the serv
 `Connection: close` on) is replaced by a fresh one; idle connections are retired after `idle_s` (below
 uvicorn's keep-alive timeout, as careful clients do, so an idle-timeout close never races a request).
 
+Each worker process also reports the CPU seconds it used (`cpu_s_per_proc`): one near the run's seconds was
+saturated, and the client rather than the server may have set the pace.
+
 `run(...)` returns one merged dict; `python -m bench.openloop URL --rate R --seconds S` runs it from a shell.
 """
 from __future__ import annotations
@@ -287,7 +290,10 @@ def _proc_main(conn, cpus, args: dict) -> None:
     except ImportError:
         pass
     try:
-        conn.send(asyncio.run(_worker(**args)))
+        cpu0 = time.process_time()
+        part = asyncio.run(_worker(**args))
+        part["cpu_s"] = time.process_time() - cpu0  # whether the load generator itself ran out of CPU
+        conn.send(part)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send({"error": f"{type(exc).__name__}: {exc}"})
     finally:
@@ -321,6 +327,7 @@ def merge(parts: list[dict], seconds: float) -> dict:
         "p50_ms_200_from_write": _pct(lat_sent, 50), "p99_ms_200_from_write": _pct(lat_sent, 99),
         "p50_ms_all": _pct(lat_all, 50), "p99_ms_all": _pct(lat_all, 99),
         "client_wait_p50_ms": _pct(wait, 50), "client_wait_p99_ms": _pct(wait, 99),
+        "cpu_s_per_proc": [round(p["cpu_s"], 3) for p in parts if "cpu_s" in p],
     }
 
 

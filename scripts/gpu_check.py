@@ -15,6 +15,10 @@ always leaves the later parts their minimum); a part that fails or runs out of t
   bench       `python -m bench --device cuda` on the tiny and demo models: the in-process limit, mmserve with dynamic
               batching and with batching off, LitServe on the same GPU, concurrency 1, 32 and 64
               -> bench/results/gpu.{md,json,png}
+  frontend    `python -m bench.frontend`: the front-end ceiling, MMSERVE_WORKERS 1, 2, 4 and 8 on a no-op model (the
+              tiny model's preprocessing, no compute: on the CPU, no GPU needed, but this is the machine with the
+              cores), server on cores 4-15 and 4 load-generator processes on 0-3, a few seconds per worker count
+              -> bench/results/gpu-frontend.{md,json,png}, its table also in gpu.md and gpu.json ("frontend")
 
 Then bench/results/gpu.md (and gpu.json under "gpu_check") list each part's result and seconds and link the training
 report. Exit status: non-zero only when a CUDA test failed (or the CUDA tests could not finish). `--dry-run` prints
@@ -34,6 +38,8 @@ downloaded there, so the parts are
   demo-model  skipped: its pretrained encoders' wheel (84 MB) cannot travel
   bench       `python -m bench --device cuda --backend torchscript` on the tiny model (limit, mmserve with and
               without batching, LitServe, all on TorchScript on the GPU)
+  frontend    the front-end ceiling as above (the image's onnxruntime runs the no-op model on the CPU; the tiny model
+              it wraps is the bench's TorchScript export)
 and the reports (gpu.md / gpu.json / gpu.png, gpu-train.md / .json, the logs as gpu-check-logs.tar.gz) are copied
 into --out (default $OUT, where the device hands files back).
 """
@@ -63,6 +69,8 @@ DEMO_MODEL = ROOT / "model_repository" / "demo-classify"
 WHEELS_DIR = ROOT / ".whl"  # make gpu-wheels
 SITE = Path("/tmp/site")  # where the device image gets the carried wheels
 BENCH_LOGS = ROOT / "bench" / ".cache" / "logs" / "gpu"  # python -m bench --name gpu
+FRONTEND = "gpu-frontend"  # python -m bench.frontend --name gpu-frontend: bench/results/gpu-frontend.{md,json,png}
+FRONTEND_LOGS = ROOT / "bench" / ".cache" / "logs" / FRONTEND
 
 
 @dataclass
@@ -117,8 +125,21 @@ def plan(gpus: int) -> list[Part]:
              skip="model_repository/demo-classify is there" if DEMO_MODEL.is_dir() else None),
         Part("bench", "serving benchmark on the GPU (python -m bench --device cuda)", bench, cap_s=240, min_s=120,
              budget_flag="--max-minutes"),
+        frontend_part(py, cpus, f"make gpu-check on {gpus} GPU(s)"),
     ]
     return parts
+
+
+def frontend_part(py: str, cpus: int, note: str, *extra: str) -> Part:
+    """The front-end ceiling (bench.frontend): no GPU needed, but the device machine is the one with the cores for
+    WORKERS 1 to 8 and a load generator that keeps up. 4 s per worker count keeps it near a minute; it skips a count
+    its --budget-s cannot hold, and the GPU parts before it keep their time."""
+    command = [py, "-m", "bench.frontend", "--name", FRONTEND, "--out-dir", str(RESULTS), "--workers", "1,2,4,8",
+               "--seconds", "4", "--note", note, *extra]
+    if cpus >= 8:  # the server on the most cores, 4 load-generator processes on the rest
+        command += ["--client-cpus", "0-3", "--server-cpus", f"4-{cpus - 1}", "--clients", "4"]
+    return Part("frontend", "front-end ceiling, WORKERS 1-8 on a no-op model on the CPU (python -m bench.frontend)",
+                command, cap_s=90, min_s=60, budget_flag="--budget-s")
 
 
 def budget(parts: list[Part], index: int, left_s: float) -> float:
@@ -222,19 +243,30 @@ def report_markdown(results: list[Result], device: str, out_dir: Path, notes: li
     return "\n".join(lines) + "\n"
 
 
+def written_by(results: list[Result], part: str, path: Path) -> bool:
+    """`path` was written by `part` in this run, not left there by an earlier one."""
+    ran = [r for r in results if r.name == part and r.status != "skipped"]
+    return bool(ran) and path.is_file() and path.stat().st_mtime >= ran[0].started
+
+
 def write_report(results: list[Result], device: str, out_dir: Path, notes: list[str] | None = None) -> None:
     """Add the parts to gpu.md / gpu.json when the bench wrote them in this run, else write them alone (an older
-    gpu.md of another run is replaced, never mixed in)."""
+    gpu.md of another run is replaced, never mixed in). The front-end ceiling of this run goes in too (its table in
+    gpu.md, its report under "frontend" in gpu.json): the device hands back at most 8 files."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md, js = out_dir / "gpu.md", out_dir / "gpu.json"
-    bench = [r for r in results if r.name == "bench" and r.status != "skipped"]
-    fresh = bool(bench) and md.is_file() and md.stat().st_mtime >= bench[0].started
-    section = report_markdown(results, device, out_dir, notes)
+    fresh = written_by(results, "bench", md)
+    front_md, front_js = out_dir / f"{FRONTEND}.md", out_dir / f"{FRONTEND}.json"
+    front = written_by(results, "frontend", front_js) and front_md.is_file()
+    sections = ([front_md.read_text().replace("# ", "## ", 1).rstrip("\n")] if front else []) + [
+        report_markdown(results, device, out_dir, notes)]
     if fresh:
-        md.write_text(md.read_text().rstrip("\n") + "\n\n" + section)
+        md.write_text("\n\n".join([md.read_text().rstrip("\n"), *sections]))
     else:
-        md.write_text(f"# GPU check\n\nNo serving benchmark from this run.\n\n{section}")
+        md.write_text("\n\n".join(["# GPU check\n\nNo serving benchmark from this run.", *sections]))
     data = json.loads(js.read_text()) if fresh and js.is_file() else {"name": "gpu", "workloads": []}
+    if front:
+        data["frontend"] = json.loads(front_js.read_text())
     data["gpu_check"] = {"device": device, "parts": [asdict(r) for r in results], "notes": notes or []}
     js.write_text(json.dumps(data, indent=1) + "\n")
 
@@ -467,6 +499,7 @@ def device_plan(wheels: Path, site: Path, gpus: int | None) -> list[Part]:
         Part("demo-model", "the demo model", [], cap_s=0, min_s=0, skip=DEVICE_SKIPS["demo-model"]),
         Part("bench", "serving benchmark on the GPU, TorchScript (python -m bench --device cuda --backend torchscript)",
              bench, cap_s=240, min_s=120, budget_flag="--max-minutes"),
+        frontend_part(py, cpus, "make gpu-check on the offline device image", "--tiny-format", "torchscript"),
     ]
 
 
@@ -485,7 +518,8 @@ def pytest_skips(results: list[Result]) -> list[str]:
 OUT_FILES = ("gpu.md", "gpu.json", "gpu.png", "gpu-train.md", "gpu-train.json")
 
 
-def export_results(out: Path, results_dir: Path = RESULTS, logs: tuple[Path, ...] = (LOGS, BENCH_LOGS)) -> list[str]:
+def export_results(out: Path, results_dir: Path = RESULTS,
+                   logs: tuple[Path, ...] = (LOGS, BENCH_LOGS, FRONTEND_LOGS)) -> list[str]:
     """Copy the reports into `out` (the device hands back at most 8 files from $OUT) and the logs as one archive."""
     out.mkdir(parents=True, exist_ok=True)
     copied = []
@@ -590,7 +624,7 @@ def print_plan(parts: list[Part], gpus: int | None) -> None:
                     print(f"       if {what} is missing: $ {shlex.join(cmd)}")
         left -= 0 if part.skip else b
     print(f"  then: {RESULTS / 'gpu.md'} and gpu.json get each part's result and seconds "
-          f"(gpu.png from the bench, gpu-train.md from training)")
+          f"(gpu.png from the bench, gpu-train.md from training, the front-end ceiling's table from frontend)")
 
 
 def main(argv=None) -> int:

@@ -46,12 +46,15 @@ def test_the_dry_run_prints_the_plan_in_order_within_8_minutes_and_runs_nothing(
     assert p.returncode == 0, p.stderr
     out = p.stdout
     names = re.findall(r"^  \d+\. ([\w-]+):", out, re.M)
-    assert names == ["install", "cuda-tests", "training", "demo-model", "bench"]
+    assert names == ["install", "cuda-tests", "training", "demo-model", "bench", "frontend"]
     assert "-m pytest -m cuda tests/test_gpu.py" in out and "scripts/gpu_train_check.py" in out
     bench = next(line for line in out.splitlines() if line.strip().startswith("$") and " -m bench " in line)
     for arg in ("--device cuda", "--name gpu", "--workloads tiny,demo", "--systems limit,mmserve,nobatch,litserve",
                 "--concurrency 1,32,64", "--requests", "--max-minutes"):
         assert arg in bench, arg
+    frontend = next(line for line in out.splitlines() if line.strip().startswith("$") and " -m bench.frontend " in line)
+    for arg in ("--name gpu-frontend", "--workers 1,2,4,8", "--seconds", "--budget-s"):
+        assert arg in frontend, arg
     budgets = [float(x) for x in re.findall(r"up to (\d+) s \(cap", out)]
     assert budgets and sum(budgets) <= 8 * 60  # even when every part takes its whole time box
     assert "onnxruntime-gpu[cuda,cudnn]==" in out and "torch==" in out  # what install may run
@@ -126,6 +129,25 @@ def test_the_report_joins_the_bench_output_of_the_same_run(tmp_path):
     assert "bench tables" not in (out / "gpu.md").read_text()
 
 
+def test_the_report_takes_in_the_front_end_ceiling_of_the_same_run(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    started = time.time()
+    (out / "gpu-frontend.md").write_text("# mmserve front-end ceiling: gpu-frontend\n\n| workers |\n")
+    (out / "gpu-frontend.json").write_text('{"name": "gpu-frontend", "points": [{"workers": 1}]}')
+    frontend = gpu_check.Result("frontend", "passed", 60.0, 90.0, started=started - 1)
+    gpu_check.write_report([frontend], "1 x Test GPU", out)
+    md = (out / "gpu.md").read_text()  # one file: the device hands back at most 8
+    assert "## mmserve front-end ceiling: gpu-frontend" in md and md.index("| workers |") < md.index("| frontend |")
+    data = __import__("json").loads((out / "gpu.json").read_text())
+    assert data["frontend"]["points"] == [{"workers": 1}]
+    # a front-end report of an earlier run stays out
+    later = gpu_check.Result("frontend", "timeout", 5.0, 5.0, started=time.time() + 100)
+    gpu_check.write_report([later], "1 x Test GPU", out)
+    assert "front-end ceiling" not in (out / "gpu.md").read_text()
+    assert "frontend" not in __import__("json").loads((out / "gpu.json").read_text())
+
+
 # ------------------------------------------------------------------------------------ the offline device image
 def fake_wheels(tmp_path: Path) -> Path:
     """A .whl folder as make gpu-wheels leaves it: one wheel always installed, two guards (one the image here
@@ -151,7 +173,7 @@ def test_the_device_image_plan_installs_offline_and_says_what_is_skipped_and_why
     assert p.returncode == 0, p.stderr
     out_text = p.stdout
     assert re.findall(r"^  \d+\. ([\w-]+):", out_text, re.M) == ["install", "cuda-tests", "training", "demo-model",
-                                                                   "bench"]
+                                                                   "bench", "frontend"]
     assert re.search(r"^  1\. install: .*its failure fails gpu-check", out_text, re.M)
     assert re.search(r"^  4\. demo-model: .*skipped: .*84 MB", out_text, re.M)
     pip = next(line for line in out_text.splitlines() if " -m pip install " in line)
@@ -168,6 +190,8 @@ def test_the_device_image_plan_installs_offline_and_says_what_is_skipped_and_why
     for arg in ("--device cuda", "--backend torchscript", "--workloads tiny",
                 "--systems limit,mmserve,nobatch,litserve", "--max-minutes"):
         assert arg in bench, arg
+    frontend = next(line for line in out_text.splitlines() if " -m bench.frontend " in line)
+    assert "--tiny-format torchscript" in frontend and "--workers 1,2,4,8" in frontend  # no ONNX export there
     assert "onnxruntime-gpu" in out_text and "64 MiB" in out_text  # why the ONNX CUDA parts do not run
     budgets = [float(x) for x in re.findall(r"up to (\d+) s \(cap", out_text)]
     assert budgets and sum(budgets) <= 8 * 60
