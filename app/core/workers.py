@@ -28,6 +28,13 @@ def _deliver(fut: asyncio.Future, ok: bool, value: Any) -> None:
         fut.set_exception(value)
 
 
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
+
+
 def _deliver_many(results: list[tuple[asyncio.Future, bool, Any]]) -> None:
     for fut, ok, value in results:
         _deliver(fut, ok, value)
@@ -67,18 +74,18 @@ class LoopWorkers:
             job = jobs.get()
             if job is None:
                 return
-            loop, fut, ctx, fn, args = job
-            if fut.cancelled():  # its caller has gone (a plain attribute read: safe from this thread)
-                continue
-            try:
-                value, ok = ctx.run(fn, *args), True
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller, whatever it is
-                value, ok = exc, False
-            try:
-                loop.call_soon_threadsafe(_deliver, fut, ok, value)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass
-            del job, fut, value, args
+            self._run(job)  # its references (arguments, result) are gone once it returns, before the next wait
+            del job
+
+    def _run(self, job: tuple) -> None:
+        loop, fut, ctx, fn, args = job
+        if fut.cancelled():  # its caller has gone (a plain attribute read: safe from this thread)
+            return
+        try:
+            value, ok = ctx.run(fn, *args), True
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, whatever it is
+            value, ok = exc, False
+        _post(loop, _deliver, fut, ok, value)
 
     def shutdown(self) -> None:
         """No more jobs; queued ones are cancelled; the threads end after the job each one is running."""
@@ -129,25 +136,16 @@ class GroupedWorkers(LoopWorkers):
             group.append(job)
         return [job for job in group if not job[1].cancelled()]  # their callers have gone
 
-    def _work(self) -> None:
-        jobs = self._jobs
-        while True:
-            job = jobs.get()
-            if job is None:
-                return
-            group = self._take(job)
-            if not group:
-                continue
-            try:
-                results = self.run_many([(ctx, args) for _, _, ctx, _, args in group])
-            except BaseException as exc:  # noqa: BLE001 - handed to every caller of the group
-                results = [(False, exc)] * len(group)
-            by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-            for (loop, fut, *_), (ok, value) in zip(group, results):
-                by_loop.setdefault(loop, []).append((fut, ok, value))
-            for loop, delivered in by_loop.items():
-                try:
-                    loop.call_soon_threadsafe(_deliver_many, delivered)
-                except RuntimeError:  # the loop is closed: nobody is waiting any more
-                    pass
-            del job, group, results, by_loop
+    def _run(self, job: tuple) -> None:
+        group = self._take(job)
+        if not group:
+            return
+        try:
+            results = self.run_many([(ctx, args) for _, _, ctx, _, args in group])
+        except BaseException as exc:  # noqa: BLE001 - handed to every caller of the group
+            results = [(False, exc)] * len(group)
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for (loop, fut, *_), (ok, value) in zip(group, results):
+            by_loop.setdefault(loop, []).append((fut, ok, value))
+        for loop, delivered in by_loop.items():
+            _post(loop, _deliver_many, delivered)
