@@ -212,7 +212,9 @@ class DrainingServer(uvicorn.Server):
         answering: list[asyncio.Task[bool]] = []
         if self.listener is not None:
             backlog = take_backlog(self.listener)
-            self.listener.close()  # from here on, connections are refused
+            # closed right after the sweep (nothing runs between): no connection is left on it to be reset. From
+            # here on, connections are refused (WORKERS > 1: they go to the front-ends still listening)
+            self.listener.close()
             answering = [asyncio.create_task(answer_unavailable(c, retry_after=self.retry_after_s,
                                                                 linger_bytes=self.linger_bytes,
                                                                 linger_s=self.linger_s)) for c in backlog]

@@ -95,8 +95,11 @@ def one_request(port: int, body: bytes) -> tuple[str, int | None, dict]:
 
 
 @pytest.mark.slow
-def test_sigterm_under_load_answers_every_connected_request(app_repository):  # noqa: F811
-    server = Server(app_repository, delay_ms=20, drain_period_s=1.5, max_delay_ms=5)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_under_load_answers_every_connected_request(app_repository, workers):  # noqa: F811
+    """With WORKERS=2 each front-end has a listening socket of its own (SO_REUSEPORT), which it sweeps and closes
+    when it has drained: connections queued on it are answered, later ones go to the other or are refused."""
+    server = Server(app_repository, delay_ms=20, drain_period_s=1.5, max_delay_ms=5, workers=workers)
     outcomes: list[tuple[float, str, int | None, dict]] = []
     lock = threading.Lock()
     sigterm_at: list[float] = []

@@ -11,8 +11,10 @@ import asyncio
 import base64
 import http.client
 import json
+import select
 import shutil
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -222,6 +224,45 @@ def test_grpc_answers_as_rest(workers):
     labels = ["negative", "neutral", "positive"]
     for pred in rest.json()["predictions"]:
         assert scores[labels.index(pred["label"])] == pytest.approx(pred["score"], rel=1e-5, abs=1e-6)
+
+
+def open_at_once(port: int, n: int) -> list[http.client.HTTPConnection]:
+    """`n` keep-alive connections opened together, as a client pool or a load balancer opens them (every connect
+    in one loop, none waiting for the one before), then one request answered on each (a front-end accepted it)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+    conns = []
+    for s in socks:
+        select.select([], [s], [], 30)
+        s.setblocking(True)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.sock = s
+        conns.append(conn)
+    for c in conns:
+        c.request("GET", "/healthz")
+        r = c.getresponse()
+        r.read()
+        assert r.status == 200
+    return conns
+
+
+def test_connections_opened_at_once_are_spread_over_both_frontends(workers):
+    """Each front-end listens on a socket of its own (SO_REUSEPORT) and the kernel hashes each new connection to
+    one of them, so connections opened together are not all taken by the front-end that wakes first (with one
+    shared socket, 31 or all 32 of these went to one front-end in most bursts). Every connection is answered: none
+    reached the socket the engine holds the port with (bound, not listening). A uniform hash leaves a front-end
+    fewer than 2 of 32 with probability 2 * 33 / 2**32 = 1.5e-8."""
+    procs = frontends(workers)
+    conns = open_at_once(workers.port, 32)
+    try:
+        holders = [owner(procs, c.sock.getsockname()[1]) for c in conns]
+    finally:
+        for c in conns:
+            c.close()
+    spread = {p.pid: holders.count(p.pid) for p in procs}
+    assert sum(spread.values()) == 32 and min(spread.values()) >= 2, spread
 
 
 def test_disconnected_client_is_dropped_by_the_engine(workers):
@@ -520,12 +561,13 @@ def test_grpc_is_served_by_every_frontend(repo):  # noqa: F811
         s.stop()
 
 
+@pytest.mark.parametrize("setting", ["PORT", "GRPC_PORT"])
 @pytest.mark.parametrize("reuse_port", [False, True], ids=["plain", "so_reuseport"])
-def test_a_grpc_port_held_by_another_program_stops_start_up(app_repository, reuse_port):  # noqa: F811
-    """Another program listening on GRPC_PORT, even one that would share it (SO_REUSEPORT, as grpcio's default):
-    the server refuses to start and says why, instead of sharing the port with it."""
+def test_a_port_held_by_another_program_stops_start_up(app_repository, setting, reuse_port):  # noqa: F811
+    """Another program listening on PORT or GRPC_PORT, even one that would share it (SO_REUSEPORT, as grpcio's
+    default or a server run with --reuse-port): the server refuses to start and says why, instead of sharing the
+    port with it (the front-ends listen with SO_REUSEPORT)."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -536,19 +578,19 @@ def test_a_grpc_port_held_by_another_program_stops_start_up(app_repository, reus
         other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(reuse_port))
         other.bind(("127.0.0.1", port))
         other.listen()
+        ports = {"PORT": free_port(), "GRPC_PORT": free_port(), setting: port}
         env = dict(os.environ, MMSERVE_REPOSITORY=str(app_repository), MMSERVE_WORKERS="2", MMSERVE_HOST="127.0.0.1",
-                   MMSERVE_GRPC_PORT=str(port), MMSERVE_PORT=str(free_port()), PYTHONPATH=str(ROOT))
+                   PYTHONPATH=str(ROOT), **{f"MMSERVE_{k}": str(v) for k, v in ports.items()})
         r = subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=60)
     assert r.returncode != 0
-    assert f"MMSERVE_GRPC_PORT={port}" in r.stderr and "another program holds it" in r.stderr, r.stderr
+    assert f"MMSERVE_{setting}={port}: cannot bind 127.0.0.1:{port}" in r.stderr, r.stderr
+    assert "another program holds it" in r.stderr, r.stderr
 
 
 def test_ipc_frames_carry_arrays_and_errors_across_a_socket():
     """The engine's frames over a real socket pair: arrays arrive equal (raw bytes, not in the pickle), and every
     core error comes back as its own class with its code, message and retry-after."""
-    import socket
-
     from app.core import errors, ipc
     from app.core.batcher import Prepared
     from models.preprocessing import Features
