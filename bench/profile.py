@@ -79,7 +79,8 @@ def thread_kind(frames: list[str]) -> str:
     text = ";".join(frames)
     if "_run (app/core/batcher.py" in text or "Batcher._run" in text or "batcher.py" in text and "_worker" in text:
         return "inference thread"
-    if "prepare (" in text and ("concurrent/futures/thread.py" in text or "app/core/workers.py" in text):
+    in_pool = "concurrent/futures/thread.py" in text or "app/core/workers.py" in text
+    if re.search(r"prepare(_many)? \(", text) and in_pool:  # one item (prepare) or a group (prepare_many)
         return "preprocess threads"
     if "concurrent/futures/thread.py" in text or "threading.py" in text:
         return "other threads"
