@@ -185,7 +185,9 @@ def test_models_listing(client):
 
 
 def test_auto_batch_size_is_calibrated_and_reported(tmp_path, monkeypatch):
-    """A model whose batch costs 16 ms up to 4 items, then 4 ms per item: items/s stops growing at 4."""
+    """A model whose batch costs 16 ms up to 4 items, then 6 ms per item more: items/s peaks at 4 (250/s; 8 items:
+    200/s). With 4 ms per item more (a flat top at 4 and 8) the choice rested on the 5% tolerance, and a CI machine's
+    scheduling delays on the 16 ms runs once made 8 look more than 5% better."""
     from app import runtime
 
     build_model(tmp_path, "tiny-classify")
@@ -193,7 +195,7 @@ def test_auto_batch_size_is_calibrated_and_reported(tmp_path, monkeypatch):
 
     def costly(self, feeds):
         n = len(feeds["input_ids"])
-        time.sleep(0.004 * max(n, 4))
+        time.sleep(0.004 * max(n, 4) + 0.002 * max(0, n - 4))
         return run(self, feeds)
 
     monkeypatch.setattr(runtime.OnnxRuntime, "run", costly)
