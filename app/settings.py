@@ -107,9 +107,10 @@ class Settings(BaseSettings):
         "next answer clears it. 0: never.",
     )
     preprocess_workers: int = Field(
-        4, ge=1, description="Threads that decode images/audio and tokenise text, off the event loop. Each takes the "
-        "items queued when it gets to them (up to 8) and runs them stage by stage: every text, then every image, then "
-        "every clip."
+        0, ge=0, description="Threads that decode images/audio and tokenise text, off the event loop, in each process "
+        "that serves HTTP. 0 (default): 4 in one process; with WORKERS > 1, the cores this server may use shared out "
+        "among the front-ends (at least 1, at most 4 each). Each takes the items queued when it gets to them (up to 8) "
+        "and runs them stage by stage: every text, then every image, then every clip."
     )
     max_batch_items: int = Field(64, ge=1, description="Most items accepted in one `/v1/{task}/batch` request.")
 

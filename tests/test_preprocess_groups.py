@@ -136,3 +136,26 @@ def test_prepare_many_gives_each_item_its_features_and_fails_a_bad_item_alone(en
             assert (a is None) == (b is None), name
             if a is not None:
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
+def test_preprocess_threads_as_set_or_shared_out_among_front_ends():
+    from app.main import preprocess_threads
+
+    assert preprocess_threads(3, 1) == 3 and preprocess_threads(3, 4, cores=2) == 3  # as set, whatever else
+    assert preprocess_threads(0, 1, cores=1) == 4  # auto, one process: as before the setting had an auto
+    assert [preprocess_threads(0, 2, cores=c) for c in (1, 2, 6, 16)] == [1, 1, 3, 4]  # auto, front-ends
+    assert preprocess_threads(0, 8, cores=16) == 2
+
+
+def test_the_served_pool_has_the_threads_the_setting_resolves_to(tmp_path):
+    import os
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    def threads(**settings) -> int:
+        return create_app(Settings(repository=tmp_path, **settings)).state.service.preprocess_workers
+
+    cores = len(os.sched_getaffinity(0))
+    assert threads() == 4 and threads(preprocess_workers=2) == 2
+    assert threads(workers=2) == max(1, min(4, cores // 2)) and threads(workers=2, preprocess_workers=3) == 3
