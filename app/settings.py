@@ -171,7 +171,7 @@ class Settings(BaseSettings):
         "`mmserve serve` becomes the engine (the models and one batcher per model) and starts N front-end processes "
         "on the same port that parse, decode and tokenise, then hand the prepared inputs to the engine, so batches "
         "form across all of them. Helps when one core of preprocessing cannot keep the device busy (a GPU) or under "
-        "concurrent load (2 cores: 1.67x the tiny model's requests/s at concurrency 32); each request pays about 1 ms "
+        "concurrent load (2 cores: 2.33x the tiny model's requests/s at concurrency 32); each request pays about 1 ms "
         "for the hop to the engine, so at low load one process is faster.",
     )
     grpc_port: int = Field(
