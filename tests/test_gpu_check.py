@@ -8,6 +8,7 @@ skipping the rest, the report's notes and the files copied to $OUT, and tests/te
 rehearsed on CPU."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -106,46 +107,43 @@ def test_parts_are_time_boxed_and_a_failure_is_reported_not_fatal(tmp_path):
     for r in results:
         assert re.search(rf"^\| {r.name} \| {r.status} \| {r.seconds} \|", md, re.M), r.name
     assert "boom" in md  # a failed part's last lines
-    data = __import__("json").loads((out / "gpu.json").read_text())
+    data = json.loads((out / "gpu.json").read_text())
     assert [p["name"] for p in data["gpu_check"]["parts"]] == ["slow", "broken", "cuda-tests", "skipped"]
+
+
+def report_over(out: Path, files: dict[str, str], part: gpu_check.Result) -> tuple[str, dict]:
+    """`files` (name -> text) written into `out` as a part of this run left them, then the report written over
+    them for `part`: (gpu.md, gpu.json as read back)."""
+    out.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (out / name).write_text(text)
+    gpu_check.write_report([part], "1 x Test GPU", out)
+    return (out / "gpu.md").read_text(), json.loads((out / "gpu.json").read_text())
 
 
 def test_the_report_joins_the_bench_output_of_the_same_run(tmp_path):
     out = tmp_path / "results"
-    out.mkdir()
-    started = time.time()
-    (out / "gpu.md").write_text("# bench tables\n")
-    (out / "gpu.json").write_text('{"name": "gpu", "workloads": [{"workload": "tiny"}]}')
-    (out / "gpu-train.md").write_text("# training\n")
-    bench = gpu_check.Result("bench", "passed", 100.0, 200.0, started=started - 1)
-    gpu_check.write_report([bench], "1 x Test GPU", out)
-    md = (out / "gpu.md").read_text()
+    bench = gpu_check.Result("bench", "passed", 100.0, 200.0, started=time.time() - 1)
+    md, data = report_over(out, {"gpu.md": "# bench tables\n", "gpu-train.md": "# training\n",
+                                 "gpu.json": '{"name": "gpu", "workloads": [{"workload": "tiny"}]}'}, bench)
     assert md.startswith("# bench tables") and "| bench | passed | 100.0 |" in md and "(gpu-train.md)" in md
-    data = __import__("json").loads((out / "gpu.json").read_text())
     assert data["workloads"] == [{"workload": "tiny"}] and data["gpu_check"]["parts"][0]["name"] == "bench"
     # an older gpu.md (the bench did not run this time) is replaced, not appended to
-    stale = gpu_check.Result("bench", "timeout", 5.0, 5.0, started=time.time() + 100)
-    gpu_check.write_report([stale], "1 x Test GPU", out)
-    assert "bench tables" not in (out / "gpu.md").read_text()
+    md, _ = report_over(out, {}, gpu_check.Result("bench", "timeout", 5.0, 5.0, started=time.time() + 100))
+    assert "bench tables" not in md
 
 
 def test_the_report_takes_in_the_front_end_ceiling_of_the_same_run(tmp_path):
     out = tmp_path / "results"
-    out.mkdir()
-    started = time.time()
-    (out / "gpu-frontend.md").write_text("# mmserve front-end ceiling: gpu-frontend\n\n| workers |\n")
-    (out / "gpu-frontend.json").write_text('{"name": "gpu-frontend", "points": [{"workers": 1}]}')
-    frontend = gpu_check.Result("frontend", "passed", 60.0, 90.0, started=started - 1)
-    gpu_check.write_report([frontend], "1 x Test GPU", out)
-    md = (out / "gpu.md").read_text()  # one file: the device hands back at most 8
+    frontend = gpu_check.Result("frontend", "passed", 60.0, 90.0, started=time.time() - 1)
+    md, data = report_over(out, {  # one file: the device hands back at most 8
+        "gpu-frontend.md": "# mmserve front-end ceiling: gpu-frontend\n\n| workers |\n",
+        "gpu-frontend.json": '{"name": "gpu-frontend", "points": [{"workers": 1}]}'}, frontend)
     assert "## mmserve front-end ceiling: gpu-frontend" in md and md.index("| workers |") < md.index("| frontend |")
-    data = __import__("json").loads((out / "gpu.json").read_text())
     assert data["frontend"]["points"] == [{"workers": 1}]
     # a front-end report of an earlier run stays out
-    later = gpu_check.Result("frontend", "timeout", 5.0, 5.0, started=time.time() + 100)
-    gpu_check.write_report([later], "1 x Test GPU", out)
-    assert "front-end ceiling" not in (out / "gpu.md").read_text()
-    assert "frontend" not in __import__("json").loads((out / "gpu.json").read_text())
+    md, data = report_over(out, {}, gpu_check.Result("frontend", "timeout", 5.0, 5.0, started=time.time() + 100))
+    assert "front-end ceiling" not in md and "frontend" not in data
 
 
 # ------------------------------------------------------------------------------------ the offline device image
@@ -160,7 +158,7 @@ def fake_wheels(tmp_path: Path) -> Path:
         {"name": "not-in-any-image", "version": "1.0", "file": "not_in_any_image-1.0-py3-none-any.whl",
          "condition": ">=1"}],
         "expect": {"numpy": ">=1.26", "not-in-any-image-either": ""}}
-    (wheels / "plan.json").write_text(__import__("json").dumps(plan))
+    (wheels / "plan.json").write_text(json.dumps(plan))
     return wheels
 
 
@@ -264,7 +262,7 @@ def test_the_report_lists_what_was_not_run_and_the_results_are_copied_for_the_de
     gpu_check.write_report(results, "1 x Test GPU, offline device image", res, notes)
     md = (res / "gpu.md").read_text()
     assert "Not run, or run differently, here:" in md and "* skipped test tests/test_gpu.py:97" in md
-    assert __import__("json").loads((res / "gpu.json").read_text())["gpu_check"]["notes"] == notes
+    assert json.loads((res / "gpu.json").read_text())["gpu_check"]["notes"] == notes
     (res / "gpu-train.md").write_text("# training\n")
     logs = tmp_path / "logs"
     logs.mkdir()
