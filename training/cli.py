@@ -184,5 +184,17 @@ def console() -> None:  # pragma: no cover - thin wrapper
     sys.exit(main())
 
 
+def entry() -> None:
+    """The console script and `python -m training.cli`: run `main`, then exit with its code.
+
+    A torchrun worker exits without the interpreter's teardown (see training/distributed.py)."""
+    from training import distributed
+
+    code = main()
+    if distributed.launched():
+        distributed.exit_worker(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

@@ -8,6 +8,7 @@ training loop needs. Without those variables every call is the single-process id
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +61,36 @@ def join(device_type: str) -> World:
 
 
 def leave(world: World) -> None:
+    """Wait for every rank, then leave the process group.
+
+    The barrier keeps a rank from exiting (and closing its connections) while another still
+    finishes its last collective step. Leaving does not end gloo's threads once a
+    DistributedDataParallel wrapper was built: DDP's reducer keeps the group alive
+    (torch 2.13: 3 gloo threads after destroy_process_group with DDP, none without), so a
+    worker should end with `exit_worker`.
+    """
     if world.distributed:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
+
+
+def launched() -> bool:
+    """True in a process that torchrun started as one of several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def exit_worker(code: int) -> None:
+    """End a torchrun worker now, with `code`, skipping the interpreter's teardown.
+
+    The process group that DDP kept alive would otherwise be destroyed while Python and the
+    C++ runtime shut down around gloo's live threads; that aborted rank 0 once in CI
+    ("terminate called without an active exception", SIGABRT, exit -6) after a run that had
+    finished and written everything. Standard streams are flushed first; every file the run
+    writes is already closed.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
