@@ -147,8 +147,8 @@ class Registry:
                 entry.runtime.close()
             if entry.state == READY:
                 entry.state = UNLOADED
-            self.retiring.discard(entry)
             log.info("model %s:%s drained and closed", entry.name, entry.version)
+            self.retiring.discard(entry)  # after the log line: whoever sees it leave the index finds the line
 
     def current(self, entry: ModelEntry) -> ModelEntry:
         """The entry that serves `entry.name` now: `entry` itself unless it was retired after the request chose
